@@ -1,0 +1,377 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/yamux"
+	"golang.org/x/sys/unix"
+)
+
+// outputGrace is how long an exec keeps reading output after its process
+// exited, for what the process wrote just before exiting. A background child
+// that keeps the pipe open past it loses its pipe (it gets EPIPE).
+const outputGrace = 150 * time.Millisecond
+
+// Server is the in-sandbox side. It runs commands and reaps every child,
+// including orphans reparented to it when it is PID 1.
+//
+// Server is safe for concurrent use; Serve may be called again after a
+// session ends (for example on fresh pipes after a restore).
+type Server struct {
+	log *slog.Logger
+
+	mu sync.Mutex
+	// waiters maps a started pid to the channel its wait status goes to.
+	waiters map[int]chan unix.WaitStatus
+}
+
+// NewServer returns a Server and starts its reaper, which runs until ctx ends.
+func NewServer(ctx context.Context, log *slog.Logger) *Server {
+	s := &Server{log: log, waiters: make(map[int]chan unix.WaitStatus)}
+	// Become a subreaper so orphans come to us even when we are not PID 1.
+	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+	signal.Ignore(syscall.SIGPIPE)
+	sigc := make(chan os.Signal, 16)
+	signal.Notify(sigc, syscall.SIGCHLD)
+	go func() {
+		defer signal.Stop(sigc)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-sigc:
+				s.reap()
+			}
+		}
+	}()
+	return s
+}
+
+// reap collects every exited child and hands the status of the ones an exec
+// waits for to it; orphans are simply reaped.
+func (s *Server) reap() {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if err == unix.EINTR {
+			continue
+		}
+		if pid <= 0 || err != nil {
+			return
+		}
+		s.mu.Lock()
+		ch, ok := s.waiters[pid]
+		delete(s.waiters, pid)
+		s.mu.Unlock()
+		if ok {
+			ch <- ws
+		}
+	}
+}
+
+// Serve runs one yamux session over conn until it ends.
+func (s *Server) Serve(ctx context.Context, conn io.ReadWriteCloser) error {
+	cfg := yamuxConfig()
+	sess, err := yamux.Server(conn, cfg)
+	if err != nil {
+		return fmt.Errorf("starting yamux session: %w", err)
+	}
+	defer sess.Close()
+	go func() {
+		<-ctx.Done()
+		sess.Close()
+	}()
+	for {
+		st, err := sess.AcceptStream()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, io.EOF) || sess.IsClosed() {
+				return nil
+			}
+			return fmt.Errorf("accepting stream: %w", err)
+		}
+		go s.handle(ctx, st)
+	}
+}
+
+// yamuxConfig is shared by both ends. Keepalives are off: a paused or
+// checkpointed sandbox cannot answer them, and the daemon notices a dead
+// sandbox from its runtime instead.
+func yamuxConfig() *yamux.Config {
+	cfg := yamux.DefaultConfig()
+	cfg.EnableKeepAlive = false
+	cfg.ConnectionWriteTimeout = 30 * time.Second
+	cfg.MaxStreamWindowSize = 1 << 20
+	cfg.LogOutput = io.Discard
+	return cfg
+}
+
+func (s *Server) handle(ctx context.Context, st *yamux.Stream) {
+	defer st.Close()
+	typ, payload, err := ReadFrame(st)
+	if err != nil {
+		return
+	}
+	if typ != FrameRequest {
+		s.log.Warn("first frame is not a request", "type", string(typ))
+		return
+	}
+	var req Request
+	if err := json.Unmarshal(payload, &req); err != nil {
+		_ = WriteJSON(st, FrameExit, Exit{ExitCode: -1, Error: fmt.Sprintf("decoding request: %v", err)})
+		return
+	}
+	switch req.Op {
+	case OpPing:
+		_ = WriteJSON(st, FrameReply, Pong{Version: ProtocolVersion, PID: os.Getpid()})
+	case OpExec:
+		if req.Exec == nil || len(req.Exec.Argv) == 0 {
+			_ = WriteJSON(st, FrameExit, Exit{ExitCode: -1, Error: "exec request without argv"})
+			return
+		}
+		s.exec(ctx, st, req.Exec)
+	default:
+		_ = WriteJSON(st, FrameExit, Exit{ExitCode: -1, Error: fmt.Sprintf("unknown op %q", req.Op)})
+	}
+}
+
+// frameWriter serialises frames from the output readers onto one stream.
+type frameWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (f *frameWriter) frame(typ byte, p []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return WriteFrame(f.w, typ, p)
+}
+
+func (f *frameWriter) json(typ byte, v any) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return WriteJSON(f.w, typ, v)
+}
+
+func mergeEnv(base, extra []string) []string {
+	idx := make(map[string]int, len(base))
+	out := make([]string, 0, len(base)+len(extra))
+	for _, kv := range append(append([]string{}, base...), extra...) {
+		k, _, _ := strings.Cut(kv, "=")
+		if i, ok := idx[k]; ok {
+			out[i] = kv
+			continue
+		}
+		idx[k] = len(out)
+		out = append(out, kv)
+	}
+	return out
+}
+
+func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
+	fw := &frameWriter{w: st}
+	fail := func(format string, args ...any) {
+		_ = fw.json(FrameExit, Exit{ExitCode: -1, Error: fmt.Sprintf(format, args...)})
+	}
+
+	path, err := exec.LookPath(req.Argv[0])
+	if err != nil {
+		// Match the shell's convention: 127 for a command that is not found.
+		_ = fw.frame(FrameStderr, []byte(fmt.Sprintf("%s: command not found\n", req.Argv[0])))
+		_ = fw.json(FrameExit, Exit{ExitCode: 127, Error: err.Error()})
+		return
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		fail("creating stdout pipe: %v", err)
+		return
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		fail("creating stderr pipe: %v", err)
+		return
+	}
+	var stdinR, stdinW *os.File
+	if req.Stdin {
+		stdinR, stdinW, err = os.Pipe()
+	} else {
+		stdinR, err = os.Open(os.DevNull)
+	}
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		errR.Close()
+		errW.Close()
+		fail("creating stdin: %v", err)
+		return
+	}
+
+	cmd := exec.Command(path, req.Argv[1:]...)
+	cmd.Args[0] = req.Argv[0]
+	cmd.Env = mergeEnv(os.Environ(), req.Env)
+	cmd.Dir = req.Cwd
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, outW, errW
+	// A process group of its own, so a timeout or kill reaches its children.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+
+	exitc := make(chan unix.WaitStatus, 1)
+	// Hold the lock across Start so the reaper cannot see the pid before it
+	// is registered.
+	s.mu.Lock()
+	err = cmd.Start()
+	if err == nil {
+		s.waiters[cmd.Process.Pid] = exitc
+	}
+	s.mu.Unlock()
+	outW.Close()
+	errW.Close()
+	stdinR.Close()
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		if stdinW != nil {
+			stdinW.Close()
+		}
+		code := -1
+		if errors.Is(err, os.ErrPermission) {
+			code = 126
+		}
+		_ = fw.frame(FrameStderr, []byte(err.Error()+"\n"))
+		_ = fw.json(FrameExit, Exit{ExitCode: code, Error: err.Error()})
+		return
+	}
+	pid := cmd.Process.Pid
+	// The reaper may have missed the SIGCHLD of a process that exited before
+	// registration; reaping again catches it.
+	s.reap()
+	_ = fw.json(FrameStarted, Started{PID: pid})
+
+	var killedByUs sync.Once
+	killGroup := func() {
+		killedByUs.Do(func() { _ = unix.Kill(-pid, unix.SIGKILL) })
+	}
+
+	// Frames from the daemon: stdin, signals. The stream closing early means
+	// the caller went away: the process group is killed.
+	callerGone := make(chan struct{})
+	go func() {
+		defer func() {
+			if stdinW != nil {
+				stdinW.Close()
+			}
+		}()
+		for {
+			typ, payload, err := ReadFrame(st)
+			if err != nil {
+				close(callerGone)
+				return
+			}
+			switch typ {
+			case FrameStdin:
+				if stdinW != nil {
+					_, _ = stdinW.Write(payload)
+				}
+			case FrameStdinEOF:
+				if stdinW != nil {
+					stdinW.Close()
+					stdinW = nil
+				}
+			case FrameSignal:
+				var sig Signal
+				if json.Unmarshal(payload, &sig) == nil && sig.Signal > 0 && sig.Signal < 65 {
+					_ = unix.Kill(-pid, unix.Signal(sig.Signal))
+				}
+			}
+		}
+	}()
+
+	var wg sync.WaitGroup
+	pump := func(r *os.File, typ byte) {
+		defer wg.Done()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := r.Read(buf)
+			if n > 0 {
+				if werr := fw.frame(typ, buf[:n]); werr != nil {
+					killGroup()
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}
+	wg.Add(2)
+	go pump(outR, FrameStdout)
+	go pump(errR, FrameStderr)
+
+	var timeout <-chan time.Time
+	if req.TimeoutMS > 0 {
+		t := time.NewTimer(time.Duration(req.TimeoutMS) * time.Millisecond)
+		defer t.Stop()
+		timeout = t.C
+	}
+	var ws unix.WaitStatus
+	timedOut := false
+wait:
+	for {
+		select {
+		case ws = <-exitc:
+			break wait
+		case <-timeout:
+			timedOut = true
+			timeout = nil
+			killGroup()
+		case <-callerGone:
+			callerGone = nil
+			killGroup()
+		case <-ctx.Done():
+			killGroup()
+			ws = <-exitc
+			break wait
+		}
+	}
+	if timedOut {
+		// Whatever else of the group still runs goes too.
+		_ = unix.Kill(-pid, unix.SIGKILL)
+	}
+
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(outputGrace):
+		outR.Close()
+		errR.Close()
+		<-done
+	}
+	outR.Close()
+	errR.Close()
+
+	exit := Exit{TimedOut: timedOut}
+	switch {
+	case ws.Exited():
+		exit.ExitCode = ws.ExitStatus()
+	case ws.Signaled():
+		exit.Signal = int(ws.Signal())
+		exit.ExitCode = 128 + exit.Signal
+	}
+	if timedOut {
+		exit.ExitCode = 124
+	}
+	_ = fw.json(FrameExit, exit)
+}

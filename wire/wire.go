@@ -1,0 +1,143 @@
+// Package wire holds the JSON types that cross PandaStack's HTTP API. The
+// server, the Go SDK and the CLI share them, and api/openapi.json describes
+// the same shapes; a test checks the two agree.
+package wire
+
+import "time"
+
+// APIVersion is the path prefix of every endpoint.
+const APIVersion = "/v1"
+
+// Sandbox states.
+const (
+	StateCreating = "creating"
+	StateRunning  = "running"
+	StateStopped  = "stopped"
+	StateExpired  = "expired"
+	StateFailed   = "failed"
+)
+
+// CreateSandboxRequest is the body of POST /v1/sandboxes.
+type CreateSandboxRequest struct {
+	// Template names the template to start from; "base" when empty.
+	Template string `json:"template,omitempty"`
+	// TTLSeconds is the sandbox's lifetime; the server default when zero.
+	TTLSeconds int               `json:"ttl_seconds,omitempty"`
+	Env        map[string]string `json:"env,omitempty"`
+	Metadata   map[string]string `json:"metadata,omitempty"`
+	// CPU is the number of CPUs (fractions allowed); server default when zero.
+	CPU float64 `json:"cpu,omitempty"`
+	// MemoryMB is the memory limit in MiB; server default when zero.
+	MemoryMB int `json:"memory_mb,omitempty"`
+}
+
+// Sandbox describes one sandbox.
+type Sandbox struct {
+	ID        string            `json:"id"`
+	Template  string            `json:"template"`
+	State     string            `json:"state"`
+	CreatedAt time.Time         `json:"created_at"`
+	ExpiresAt time.Time         `json:"expires_at"`
+	Metadata  map[string]string `json:"metadata"`
+	CPU       float64           `json:"cpu"`
+	MemoryMB  int               `json:"memory_mb"`
+}
+
+// SandboxList is the body of GET /v1/sandboxes.
+type SandboxList struct {
+	Sandboxes []Sandbox `json:"sandboxes"`
+}
+
+// SetTimeoutRequest is the body of POST /v1/sandboxes/{id}/timeout: the
+// sandbox now expires TTLSeconds from the time of the request.
+type SetTimeoutRequest struct {
+	TTLSeconds int `json:"ttl_seconds"`
+}
+
+// ExecRequest is the body of POST /v1/sandboxes/{id}/exec. Exactly one of
+// Cmd (run by /bin/sh -c) and Argv must be set.
+type ExecRequest struct {
+	Cmd            string            `json:"cmd,omitempty"`
+	Argv           []string          `json:"argv,omitempty"`
+	Env            map[string]string `json:"env,omitempty"`
+	Cwd            string            `json:"cwd,omitempty"`
+	Stdin          string            `json:"stdin,omitempty"`
+	TimeoutSeconds float64           `json:"timeout_seconds,omitempty"`
+}
+
+// ExecResult is the response of a blocking exec and the last event of a
+// streamed one.
+type ExecResult struct {
+	Stdout   string `json:"stdout"`
+	Stderr   string `json:"stderr"`
+	ExitCode int    `json:"exit_code"`
+	// TimedOut reports whether the command was killed at its timeout.
+	TimedOut bool `json:"timed_out"`
+	// Truncated reports whether stdout or stderr hit the server's output cap.
+	Truncated  bool    `json:"truncated"`
+	DurationMS float64 `json:"duration_ms"`
+}
+
+// ExecEvent is one line of a streamed exec (NDJSON line or SSE event).
+// Type is "stdout", "stderr" (Data set), "exit" (Result set) or "error"
+// (Error set).
+type ExecEvent struct {
+	Type   string      `json:"type"`
+	Data   string      `json:"data,omitempty"`
+	Result *ExecResult `json:"result,omitempty"`
+	Error  *Error      `json:"error,omitempty"`
+}
+
+// Exec event types.
+const (
+	EventStdout = "stdout"
+	EventStderr = "stderr"
+	EventExit   = "exit"
+	EventError  = "error"
+)
+
+// Template describes a template a sandbox can start from.
+type Template struct {
+	Name        string   `json:"name"`
+	Description string   `json:"description"`
+	Packages    []string `json:"packages"`
+	Ready       bool     `json:"ready"`
+}
+
+// TemplateList is the body of GET /v1/templates.
+type TemplateList struct {
+	Templates []Template `json:"templates"`
+}
+
+// Health is the body of GET /v1/health.
+type Health struct {
+	Status  string `json:"status"`
+	Version string `json:"version"`
+	Runtime string `json:"runtime"`
+}
+
+// Error is the body of every error response.
+type Error struct {
+	// Code is a stable machine-readable kind: invalid_argument, not_found,
+	// conflict, unauthenticated, unavailable, quota_exceeded, too_large,
+	// internal.
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// ErrorResponse wraps Error as {"error": {...}}.
+type ErrorResponse struct {
+	Error Error `json:"error"`
+}
+
+// Error codes.
+const (
+	CodeInvalid         = "invalid_argument"
+	CodeNotFound        = "not_found"
+	CodeConflict        = "conflict"
+	CodeUnauthenticated = "unauthenticated"
+	CodeUnavailable     = "unavailable"
+	CodeQuota           = "quota_exceeded"
+	CodeTooLarge        = "too_large"
+	CodeInternal        = "internal"
+)
