@@ -1,0 +1,316 @@
+// Package gvisor implements runtime.Runtime with gVisor's runsc on the
+// systrap platform.
+//
+// Every sandbox is an OCI bundle under the runtime's state directory: the
+// template's root filesystem shared read-only, a writable overlay of its own
+// (an unlinked, size-capped file in the sandbox's directory), no host mounts,
+// no host environment, its own hostname, and network "none". Its init
+// process's stdin and stdout are two FIFOs in the sandbox's directory, which
+// is how the daemon reaches the agent (see package agent).
+package gvisor
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/pandastack/pandastack/internal/runtime"
+	"golang.org/x/sys/unix"
+)
+
+// Config configures the runtime.
+type Config struct {
+	// Runsc is the path of the runsc binary.
+	Runsc string
+	// StateDir holds one directory per sandbox and runsc's own state.
+	StateDir string
+	// Platform is runsc's platform; "systrap" when empty.
+	Platform string
+	// CgroupParent is the cgroup path under which each sandbox gets its own
+	// cgroup; "/pandastack" when empty.
+	CgroupParent string
+	Log          *slog.Logger
+}
+
+// Runtime drives runsc. It is safe for concurrent use on different ids.
+type Runtime struct {
+	cfg Config
+}
+
+var _ runtime.Runtime = (*Runtime)(nil)
+
+// New checks the configuration and returns a Runtime.
+func New(cfg Config) (*Runtime, error) {
+	if cfg.Platform == "" {
+		cfg.Platform = "systrap"
+	}
+	if cfg.CgroupParent == "" {
+		cfg.CgroupParent = "/pandastack"
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if _, err := os.Stat(cfg.Runsc); err != nil {
+		return nil, fmt.Errorf("finding runsc: %w", err)
+	}
+	for _, d := range []string{cfg.StateDir, filepath.Join(cfg.StateDir, "runsc")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("creating runtime state directory %q: %w", d, err)
+		}
+	}
+	return &Runtime{cfg: cfg}, nil
+}
+
+// Name implements runtime.Runtime.
+func (r *Runtime) Name() string { return "gvisor" }
+
+func (r *Runtime) dir(id string) string { return filepath.Join(r.cfg.StateDir, "sandboxes", id) }
+
+// globalFlags are the flags every runsc call for the sandbox gets; they must
+// stay identical across its calls (checkpoint and restore compare them).
+func (r *Runtime) globalFlags(id string, disk int64) []string {
+	overlay := "root:dir=" + r.dir(id)
+	if disk > 0 {
+		overlay += fmt.Sprintf(",size=%d", disk)
+	}
+	return []string{
+		"--root=" + filepath.Join(r.cfg.StateDir, "runsc"),
+		"--platform=" + r.cfg.Platform,
+		"--network=none",
+		"--overlay2=" + overlay,
+	}
+}
+
+func (r *Runtime) runsc(ctx context.Context, id string, disk int64, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, r.cfg.Runsc, append(r.globalFlags(id, disk), args...)...)
+	// runsc gets a clean environment: nothing of the daemon's leaks in.
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	return cmd
+}
+
+// validID reports whether id is safe as a path element and runsc id.
+func validID(id string) bool {
+	if id == "" || len(id) > 64 {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// Start implements runtime.Runtime.
+func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (err error) {
+	if !validID(spec.ID) {
+		return fmt.Errorf("invalid sandbox id %q", spec.ID)
+	}
+	dir := r.dir(spec.ID)
+	if err := os.MkdirAll(filepath.Join(dir, "bundle"), 0o700); err != nil {
+		return fmt.Errorf("creating sandbox directory: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			// Undo the partial create; a fresh context so a cancelled
+			// request still cleans up.
+			_ = r.Delete(context.WithoutCancel(ctx), spec.ID)
+		}
+	}()
+	oci, err := ociSpec(spec, r.cfg.CgroupParent)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "bundle", "config.json"), oci, 0o600); err != nil {
+		return fmt.Errorf("writing OCI spec: %w", err)
+	}
+	in, out, logf, err := r.makeStdio(dir)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	defer out.Close()
+	defer logf.Close()
+
+	cmd := r.runsc(ctx, spec.ID, spec.Limits.DiskBytes, "run", "--detach", "--bundle="+filepath.Join(dir, "bundle"), spec.ID)
+	// The sandbox inherits these descriptors and outlives runsc: they must
+	// be files, not pipes that exec.Cmd would wait on.
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = in, out, logf
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("starting sandbox with runsc: %w: %s", err, tail(filepath.Join(dir, "agent.log"), 2048))
+	}
+	return nil
+}
+
+// tail returns the last n bytes of a file, for error messages.
+func tail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err == nil && st.Size() > n {
+		_, _ = f.Seek(st.Size()-n, io.SeekStart)
+	}
+	b, _ := io.ReadAll(io.LimitReader(f, n))
+	return strings.TrimSpace(string(b))
+}
+
+// makeStdio creates the FIFOs of the init process's stdio and opens them
+// read-write for runsc: the sandbox then always holds both ends, so its reads
+// block (not EOF) and its writes wait (not EPIPE) while no daemon is
+// connected, for instance across a daemon restart.
+func (r *Runtime) makeStdio(dir string) (in, out, logf *os.File, err error) {
+	for _, name := range []string{"agent.in", "agent.out"} {
+		p := filepath.Join(dir, name)
+		_ = os.Remove(p)
+		if err := unix.Mkfifo(p, 0o600); err != nil {
+			return nil, nil, nil, fmt.Errorf("creating fifo %q: %w", p, err)
+		}
+	}
+	in, err = os.OpenFile(filepath.Join(dir, "agent.in"), os.O_RDWR, 0)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("opening agent stdin fifo: %w", err)
+	}
+	out, err = os.OpenFile(filepath.Join(dir, "agent.out"), os.O_RDWR, 0)
+	if err != nil {
+		in.Close()
+		return nil, nil, nil, fmt.Errorf("opening agent stdout fifo: %w", err)
+	}
+	// gVisor writes a regular-file stdout from offset 0; O_APPEND keeps
+	// every line.
+	logf, err = os.OpenFile(filepath.Join(dir, "agent.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		in.Close()
+		out.Close()
+		return nil, nil, nil, fmt.Errorf("opening agent log: %w", err)
+	}
+	return in, out, logf, nil
+}
+
+// fifoConn is the host's end of the agent's stdio.
+type fifoConn struct {
+	w *os.File // the agent's stdin
+	r *os.File // the agent's stdout
+}
+
+func (c *fifoConn) Read(p []byte) (int, error)  { return c.r.Read(p) }
+func (c *fifoConn) Write(p []byte) (int, error) { return c.w.Write(p) }
+func (c *fifoConn) Close() error {
+	return errors.Join(c.w.Close(), c.r.Close())
+}
+
+// Connect implements runtime.Runtime.
+func (r *Runtime) Connect(ctx context.Context, id string) (io.ReadWriteCloser, error) {
+	if !validID(id) {
+		return nil, fmt.Errorf("invalid sandbox id %q", id)
+	}
+	dir := r.dir(id)
+	// Non-blocking opens: opening the write end fails with ENXIO when no
+	// sandbox holds the read end, instead of hanging. The files stay
+	// non-blocking, served by Go's poller, so Close interrupts a Read.
+	w, err := os.OpenFile(filepath.Join(dir, "agent.in"), os.O_WRONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening agent stdin of %s: %w", id, err)
+	}
+	rd, err := os.OpenFile(filepath.Join(dir, "agent.out"), os.O_RDONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		w.Close()
+		return nil, fmt.Errorf("opening agent stdout of %s: %w", id, err)
+	}
+	return &fifoConn{w: w, r: rd}, nil
+}
+
+// Delete implements runtime.Runtime.
+func (r *Runtime) Delete(ctx context.Context, id string) error {
+	if !validID(id) {
+		return fmt.Errorf("invalid sandbox id %q", id)
+	}
+	cmd := r.runsc(ctx, id, 0, "delete", "--force", id)
+	var stderr bytes.Buffer
+	cmd.Stderr = &limitedBuffer{buf: &stderr, max: 4096}
+	if err := cmd.Run(); err != nil {
+		msg := stderr.String()
+		if !strings.Contains(msg, "does not exist") && !strings.Contains(msg, "not found") {
+			return fmt.Errorf("deleting sandbox %s with runsc: %w: %s", id, err, strings.TrimSpace(msg))
+		}
+	}
+	if err := os.RemoveAll(r.dir(id)); err != nil {
+		return fmt.Errorf("removing sandbox directory: %w", err)
+	}
+	return nil
+}
+
+// List implements runtime.Runtime: the sandboxes runsc knows of and the
+// directories left on disk.
+func (r *Runtime) List(ctx context.Context) ([]string, error) {
+	seen := map[string]bool{}
+	var ids []string
+	add := func(id string) {
+		if validID(id) && !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
+	cmd := r.runsc(ctx, "x", 0, "list", "--format=json")
+	outb, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("listing runsc sandboxes: %w", err)
+	}
+	var states []struct {
+		ID string `json:"id"`
+	}
+	if s := bytes.TrimSpace(outb); len(s) > 0 && !bytes.Equal(s, []byte("null")) {
+		if err := json.Unmarshal(s, &states); err != nil {
+			return nil, fmt.Errorf("decoding runsc list: %w", err)
+		}
+	}
+	for _, s := range states {
+		add(s.ID)
+	}
+	entries, err := os.ReadDir(filepath.Join(r.cfg.StateDir, "sandboxes"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("reading sandbox directories: %w", err)
+	}
+	for _, e := range entries {
+		add(e.Name())
+	}
+	return ids, nil
+}
+
+// limitedBuffer keeps the first max bytes written to it.
+type limitedBuffer struct {
+	buf *bytes.Buffer
+	max int
+}
+
+func (l *limitedBuffer) Write(p []byte) (int, error) {
+	if room := l.max - l.buf.Len(); room > 0 {
+		if len(p) < room {
+			room = len(p)
+		}
+		l.buf.Write(p[:room])
+	}
+	return len(p), nil
+}
+
+// Close releases what the runtime holds outside any sandbox: runsc keeps a
+// bind mount of an empty network namespace in its state directory for
+// network "none". Running sandboxes are not affected.
+func (r *Runtime) Close() error {
+	p := filepath.Join(r.cfg.StateDir, "runsc", "null-netns")
+	if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && err != unix.EINVAL && err != unix.ENOENT {
+		return fmt.Errorf("unmounting %s: %w", p, err)
+	}
+	return nil
+}

@@ -1,0 +1,107 @@
+package gvisor
+
+import (
+	"encoding/json"
+	"fmt"
+	"path"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/pandastack/pandastack/internal/runtime"
+)
+
+// Defaults applied where runtime.Limits leaves a field zero.
+const (
+	defaultNoFile = 1 << 16
+	defaultPids   = 512
+	defaultTmp    = 512 << 20
+	cpuPeriod     = 100_000
+)
+
+// defaultCaps are Docker's default capabilities: root inside a sandbox is
+// gVisor's root, and still gets no more than a container would.
+var defaultCaps = []string{
+	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+	"CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+	"CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+}
+
+// ociSpec renders the OCI runtime spec of one sandbox.
+func ociSpec(s runtime.Spec, cgroupParent string) ([]byte, error) {
+	if len(s.Init) == 0 {
+		return nil, fmt.Errorf("sandbox %s has no init process", s.ID)
+	}
+	lim := s.Limits
+	if lim.NoFile == 0 {
+		lim.NoFile = defaultNoFile
+	}
+	if lim.Pids == 0 {
+		lim.Pids = defaultPids
+	}
+	if lim.TmpBytes == 0 {
+		lim.TmpBytes = defaultTmp
+	}
+	hostname := s.Hostname
+	if hostname == "" {
+		hostname = s.ID
+	}
+	res := &specs.LinuxResources{
+		Pids: &specs.LinuxPids{Limit: lim.Pids},
+	}
+	if lim.MemoryBytes > 0 {
+		m := lim.MemoryBytes
+		res.Memory = &specs.LinuxMemory{Limit: &m, Swap: &m}
+	}
+	if lim.CPU > 0 {
+		q := int64(lim.CPU * cpuPeriod)
+		p := uint64(cpuPeriod)
+		res.CPU = &specs.LinuxCPU{Quota: &q, Period: &p}
+	}
+	nproc := uint64(lim.Pids)
+	sp := specs.Spec{
+		Version: specs.Version,
+		Process: &specs.Process{
+			Args: s.Init,
+			Env:  s.Env,
+			Cwd:  "/",
+			User: specs.User{UID: 0, GID: 0},
+			Capabilities: &specs.LinuxCapabilities{
+				Bounding:  defaultCaps,
+				Effective: defaultCaps,
+				Permitted: defaultCaps,
+			},
+			Rlimits: []specs.POSIXRlimit{
+				{Type: "RLIMIT_NOFILE", Hard: lim.NoFile, Soft: lim.NoFile},
+				// RLIMIT_NPROC makes a fork bomb fail with EAGAIN inside;
+				// pids.max alone would take the sentry down.
+				{Type: "RLIMIT_NPROC", Hard: nproc, Soft: nproc},
+			},
+			NoNewPrivileges: true,
+		},
+		Root:     &specs.Root{Path: s.RootfsDir, Readonly: false},
+		Hostname: hostname,
+		Mounts: []specs.Mount{
+			{Destination: "/proc", Type: "proc", Source: "proc"},
+			{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
+			{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"}},
+			{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=65536k"}},
+			{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
+			{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%d", lim.TmpBytes)}},
+		},
+		Linux: &specs.Linux{
+			CgroupsPath: path.Join(cgroupParent, s.ID),
+			Resources:   res,
+			Namespaces: []specs.LinuxNamespace{
+				{Type: specs.PIDNamespace},
+				{Type: specs.IPCNamespace},
+				{Type: specs.UTSNamespace},
+				{Type: specs.MountNamespace},
+				{Type: specs.NetworkNamespace},
+			},
+		},
+	}
+	b, err := json.MarshalIndent(sp, "", "  ")
+	if err != nil {
+		return nil, fmt.Errorf("encoding OCI spec: %w", err)
+	}
+	return b, nil
+}

@@ -1,0 +1,68 @@
+// Package runtime defines what the sandbox manager needs from an isolation
+// layer. runtime/gvisor implements it with runsc; a Firecracker runtime can
+// sit beside it later. Optional capabilities (checkpoint, restore) are
+// separate interfaces that an implementation may also satisfy.
+package runtime
+
+import (
+	"context"
+	"io"
+)
+
+// Limits are the hard resource limits of one sandbox. Zero means the
+// runtime's default.
+type Limits struct {
+	// CPU is the number of CPUs the sandbox may use (a CFS quota).
+	CPU float64
+	// MemoryBytes caps the sandbox's memory; above it allocations fail or
+	// the sandbox is OOM-killed. The host is never pushed to swap.
+	MemoryBytes int64
+	// Pids caps the number of processes and threads inside.
+	Pids int64
+	// DiskBytes caps the writable root layer; writes beyond it get ENOSPC.
+	DiskBytes int64
+	// TmpBytes caps the /tmp tmpfs.
+	TmpBytes int64
+	// NoFile caps open files per process.
+	NoFile uint64
+}
+
+// Spec is everything a runtime needs to start one sandbox.
+type Spec struct {
+	// ID is the sandbox id; fixed length, [a-z0-9-].
+	ID string
+	// Hostname is the sandbox's own hostname.
+	Hostname string
+	// RootfsDir is the template's root filesystem on the host. It is shared
+	// read-only by every sandbox of the template; each sandbox writes to a
+	// layer of its own.
+	RootfsDir string
+	// Init is the argv of the sandbox's init process (the agent), as a path
+	// inside the root filesystem.
+	Init []string
+	// Env is the whole environment of the init process (KEY=VALUE). Nothing
+	// of the host's environment is added.
+	Env    []string
+	Limits Limits
+}
+
+// Runtime starts and stops sandboxes. Implementations are safe for
+// concurrent use on different ids; the caller serialises calls for one id.
+type Runtime interface {
+	// Name is a short name of the runtime ("gvisor").
+	Name() string
+	// Start creates and starts a sandbox whose init process is Spec.Init.
+	// On error nothing of the sandbox is left behind.
+	Start(ctx context.Context, spec Spec) error
+	// Connect returns a connection to the init process's stdio: writes go
+	// to its stdin, reads come from its stdout. It can be called again
+	// (for example after a daemon restart). Reads see EOF when the sandbox
+	// dies.
+	Connect(ctx context.Context, id string) (io.ReadWriteCloser, error)
+	// Delete stops every process of the sandbox and removes everything the
+	// runtime made for it. Deleting an unknown id is not an error.
+	Delete(ctx context.Context, id string) error
+	// List returns the ids of every sandbox the runtime knows of, running
+	// or not, including ones left from an earlier daemon.
+	List(ctx context.Context) ([]string, error)
+}

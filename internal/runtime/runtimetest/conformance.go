@@ -1,0 +1,177 @@
+// Package runtimetest is the conformance suite every runtime.Runtime
+// implementation must pass. It drives the runtime through the in-sandbox
+// agent, as the sandbox manager does.
+package runtimetest
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pandastack/pandastack/internal/agent"
+	"github.com/pandastack/pandastack/internal/runtime"
+)
+
+// Harness supplies what the suite needs from one implementation.
+type Harness struct {
+	// Runtime is the implementation under test.
+	Runtime runtime.Runtime
+	// Spec returns a startable spec (root filesystem with the agent as
+	// init) for the given id.
+	Spec func(id string) runtime.Spec
+	// Leftovers lists what of the sandbox still exists on the host
+	// (processes, directories, cgroups): empty after Delete.
+	Leftovers func(id string) []string
+}
+
+// NewID returns a fresh fixed-length sandbox id.
+func NewID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return "sb-" + hex.EncodeToString(b)
+}
+
+func start(t *testing.T, h Harness, spec runtime.Spec) *agent.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := h.Runtime.Start(ctx, spec); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() { _ = h.Runtime.Delete(context.Background(), spec.ID) })
+	conn, err := h.Runtime.Connect(ctx, spec.ID)
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	c, err := agent.NewClient(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := c.Ping(ctx); err != nil {
+		t.Fatalf("Ping: %v", err)
+	}
+	return c
+}
+
+func run(t *testing.T, c *agent.Client, argv ...string) (string, agent.Exit) {
+	t.Helper()
+	var out bytes.Buffer
+	ex, err := c.Exec(context.Background(), agent.ExecRequest{Argv: argv, TimeoutMS: 20000}, agent.ExecIO{
+		Stdout: func(b []byte) error { out.Write(b); return nil },
+		Stderr: func(b []byte) error { out.Write(b); return nil },
+	})
+	if err != nil {
+		t.Fatalf("Exec %v: %v", argv, err)
+	}
+	return out.String(), ex
+}
+
+// Run runs the suite.
+func Run(t *testing.T, h Harness) {
+	t.Run("StartExecDelete", func(t *testing.T) {
+		spec := h.Spec(NewID())
+		spec.Env = append(spec.Env, "GREETING=hello")
+		c := start(t, h, spec)
+		tests := []struct {
+			argv []string
+			want string
+		}{
+			{[]string{"/bin/sh", "-c", "echo $GREETING"}, "hello\n"},
+			{[]string{"hostname"}, spec.ID + "\n"},
+			{[]string{"/bin/sh", "-c", "echo data > /root/f && cat /root/f"}, "data\n"},
+			{[]string{"/bin/sh", "-c", "ls /host /var/lib/pandastack 2>&1 >/dev/null | wc -l"}, "2\n"},
+		}
+		for _, tt := range tests {
+			got, ex := run(t, c, tt.argv...)
+			if got != tt.want || ex.ExitCode != 0 {
+				t.Errorf("%v: got %q (exit %d), want %q (exit 0)", tt.argv, got, ex.ExitCode, tt.want)
+			}
+		}
+		// No host environment leaks in: only what the spec set.
+		env, _ := run(t, c, "env")
+		for _, line := range strings.Split(strings.TrimSpace(env), "\n") {
+			k, _, _ := strings.Cut(line, "=")
+			found := false
+			for _, kv := range spec.Env {
+				if strings.HasPrefix(kv, k+"=") {
+					found = true
+				}
+			}
+			if !found && k != "PWD" && k != "SHLVL" && k != "_" {
+				t.Errorf("unexpected environment variable %q in sandbox", line)
+			}
+		}
+		if err := h.Runtime.Delete(context.Background(), spec.ID); err != nil {
+			t.Fatalf("Delete: %v", err)
+		}
+		if left := h.Leftovers(spec.ID); len(left) > 0 {
+			t.Errorf("left after Delete: %v", left)
+		}
+		if err := h.Runtime.Delete(context.Background(), spec.ID); err != nil {
+			t.Errorf("second Delete: got %v, want nil", err)
+		}
+		select {
+		case <-c.Closed():
+		case <-time.After(5 * time.Second):
+			t.Error("agent session still open 5s after Delete")
+		}
+	})
+
+	t.Run("WritableLayersAreSeparate", func(t *testing.T) {
+		a := start(t, h, h.Spec(NewID()))
+		b := start(t, h, h.Spec(NewID()))
+		run(t, a, "/bin/sh", "-c", "echo a > /etc/mine")
+		if got, ex := run(t, b, "/bin/sh", "-c", "cat /etc/mine 2>/dev/null || echo absent"); got != "absent\n" {
+			t.Errorf("other sandbox sees the file: got %q (exit %d)", got, ex.ExitCode)
+		}
+	})
+
+	t.Run("ListAndReconnect", func(t *testing.T) {
+		spec := h.Spec(NewID())
+		c := start(t, h, spec)
+		ids, err := h.Runtime.List(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for _, id := range ids {
+			found = found || id == spec.ID
+		}
+		if !found {
+			t.Fatalf("List: %v lacks %s", ids, spec.ID)
+		}
+		// A second connection, as after a daemon restart, reaches the
+		// same agent once the first is gone.
+		run(t, c, "/bin/sh", "-c", "echo 41 > /tmp/state")
+		c.Close()
+		conn, err := h.Runtime.Connect(context.Background(), spec.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c2, err := agent.NewClient(conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c2.Close()
+		if got, _ := run(t, c2, "cat", "/tmp/state"); got != "41\n" {
+			t.Errorf("after reconnect: got %q, want %q", got, "41\n")
+		}
+	})
+
+	t.Run("DeathClosesSession", func(t *testing.T) {
+		spec := h.Spec(NewID())
+		c := start(t, h, spec)
+		if err := h.Runtime.Delete(context.Background(), spec.ID); err != nil {
+			t.Fatal(err)
+		}
+		_, err := c.Exec(context.Background(), agent.ExecRequest{Argv: []string{"true"}}, agent.ExecIO{})
+		if err == nil {
+			t.Fatal("exec in a deleted sandbox succeeded")
+		}
+	})
+}
