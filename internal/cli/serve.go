@@ -1,0 +1,67 @@
+package cli
+
+import (
+
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/pandastack/pandastack/internal/daemon"
+	"github.com/pandastack/pandastack/internal/sandbox"
+	"github.com/spf13/cobra"
+)
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func newServeCmd() *cobra.Command {
+	cfg := daemon.Config{Sandbox: sandbox.DefaultConfig()}
+	var debug bool
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the PandaStack server",
+		Long: `Run the PandaStack server: the HTTP API on 127.0.0.1, state in SQLite under the data
+directory, sandboxes in gVisor. On first start it creates an API key, prints it once and
+writes it to <data-dir>/api-key (mode 0600). SIGINT or SIGTERM stops it gracefully:
+in-flight requests get 10 s, then every sandbox is destroyed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			level := slog.LevelInfo
+			if debug {
+				level = slog.LevelDebug
+			}
+			cfg.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+			cfg.Out = cmd.OutOrStdout()
+			cfg.Version = Version
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return daemon.Run(ctx, cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.Listen, "listen", envOr("PANDASTACK_LISTEN", daemon.DefaultListen), "address to serve the API on ($PANDASTACK_LISTEN)")
+	f.StringVar(&cfg.DataDir, "data-dir", envOr("PANDASTACK_DATA_DIR", daemon.DefaultDataDir), "state, templates and sandboxes ($PANDASTACK_DATA_DIR)")
+	f.StringVar(&cfg.TemplateDir, "template-dir", os.Getenv("PANDASTACK_TEMPLATE_DIR"), "built templates (default <data-dir>/templates; $PANDASTACK_TEMPLATE_DIR)")
+	f.StringVar(&cfg.Runsc, "runsc", os.Getenv("PANDASTACK_RUNSC"), "runsc binary (default: "+daemon.DefaultLibDir+"/runsc, beside this binary, or PATH)")
+	f.StringVar(&cfg.AgentBinary, "agent", os.Getenv("PANDASTACK_AGENT"), "agent binary (default: "+daemon.DefaultLibDir+"/pandastack-agent, beside this binary, or PATH)")
+	f.StringVar(&cfg.Mirror, "mirror", "", "Debian mirror for template builds")
+	f.BoolVar(&cfg.BuildTemplates, "build-templates", true, "build missing templates in the background")
+	f.DurationVar(&cfg.Sandbox.DefaultTTL, "default-ttl", cfg.Sandbox.DefaultTTL, "TTL of a sandbox created without one")
+	f.DurationVar(&cfg.Sandbox.MaxTTL, "max-ttl", cfg.Sandbox.MaxTTL, "largest TTL a sandbox may have")
+	f.IntVar(&cfg.Sandbox.MaxSandboxes, "max-sandboxes", cfg.Sandbox.MaxSandboxes, "most sandboxes running at once")
+	f.Float64Var(&cfg.Sandbox.MaxCPU, "max-cpu", cfg.Sandbox.MaxCPU, "most CPUs a sandbox may ask for")
+	f.IntVar(&cfg.Sandbox.MaxMemoryMB, "max-memory-mb", cfg.Sandbox.MaxMemoryMB, "most memory (MiB) a sandbox may ask for")
+	f.IntVar(&cfg.Sandbox.DiskMB, "disk-mb", cfg.Sandbox.DiskMB, "size of each sandbox's writable layer (MiB)")
+	f.IntVar(&cfg.Sandbox.Pids, "pids", cfg.Sandbox.Pids, "most processes per sandbox")
+	f.DurationVar(&cfg.Sandbox.ReapInterval, "reap-interval", time.Second, "how often expired sandboxes are destroyed")
+	f.IntVar(&cfg.MaxOutputBytes, "max-output-bytes", 10<<20, "cap on each of stdout and stderr of a blocking exec")
+	f.BoolVar(&debug, "debug", false, "log every request")
+	return cmd
+}
+

@@ -1,0 +1,240 @@
+// Package daemon wires PandaStack's parts into the server that
+// `pandastack serve` runs: store, templates, runtime, sandbox manager and
+// HTTP API, plus the first-start API key.
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"time"
+
+	"github.com/pandastack/pandastack/internal/api"
+	"github.com/pandastack/pandastack/internal/runtime/gvisor"
+	"github.com/pandastack/pandastack/internal/sandbox"
+	"github.com/pandastack/pandastack/internal/store"
+	"github.com/pandastack/pandastack/internal/template"
+	"github.com/pandastack/pandastack/wire"
+)
+
+// Defaults of the installed layout (scripts/install.sh).
+const (
+	DefaultDataDir = "/var/lib/pandastack"
+	DefaultListen  = "127.0.0.1:7423"
+	DefaultLibDir  = "/usr/local/lib/pandastack"
+)
+
+// Config configures the daemon.
+type Config struct {
+	DataDir string
+	Listen  string
+	// Runsc and AgentBinary are paths of the binaries; found by FindBinary
+	// when empty.
+	Runsc       string
+	AgentBinary string
+	// TemplateDir holds built templates; DataDir/templates when empty.
+	TemplateDir string
+	Mirror      string
+	// BuildTemplates builds missing templates in the background at start.
+	BuildTemplates bool
+	Sandbox        sandbox.Config
+	MaxOutputBytes int
+	Version        string
+	Log            *slog.Logger
+	// Out receives the one-time message with a newly created API key.
+	Out io.Writer
+	// Ready, when set, is called with the listening address once the
+	// server accepts requests.
+	Ready func(addr string)
+}
+
+// FindBinary returns the first of: the explicit path, name in the install
+// directory, name beside the running executable, name on PATH.
+func FindBinary(explicit, name string) (string, error) {
+	if explicit != "" {
+		if _, err := os.Stat(explicit); err != nil {
+			return "", fmt.Errorf("finding %s: %w", name, err)
+		}
+		return explicit, nil
+	}
+	cands := []string{filepath.Join(DefaultLibDir, name)}
+	if exe, err := os.Executable(); err == nil {
+		cands = append(cands, filepath.Join(filepath.Dir(exe), name))
+	}
+	for _, c := range cands {
+		if _, err := os.Stat(c); err == nil {
+			return c, nil
+		}
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	return "", fmt.Errorf("finding %s: not in %v nor on PATH (run scripts/install.sh)", name, cands)
+}
+
+// templateList adapts the template store to the API.
+type templateList struct{ s *template.Store }
+
+func (t templateList) List() []wire.Template {
+	var out []wire.Template
+	for _, d := range t.s.Definitions() {
+		_, err := t.s.Get(d.Name)
+		out = append(out, wire.Template{Name: d.Name, Description: d.Description, Packages: append([]string{}, d.Packages...), Ready: err == nil})
+	}
+	return out
+}
+
+// Run serves until ctx ends, then shuts down: in-flight requests get a
+// grace period, and every sandbox is destroyed.
+func Run(ctx context.Context, cfg Config) error {
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Out == nil {
+		cfg.Out = io.Discard
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("creating data directory: %w", err)
+	}
+	runsc, err := FindBinary(cfg.Runsc, "runsc")
+	if err != nil {
+		return err
+	}
+	agentBin, err := FindBinary(cfg.AgentBinary, "pandastack-agent")
+	if err != nil {
+		return err
+	}
+	st, err := store.Open(ctx, filepath.Join(cfg.DataDir, "state.db"))
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if err := ensureAPIKey(ctx, st, cfg.DataDir, cfg.Out); err != nil {
+		return err
+	}
+	tdir := cfg.TemplateDir
+	if tdir == "" {
+		tdir = filepath.Join(cfg.DataDir, "templates")
+	}
+	tpls, err := template.NewStore(tdir, cfg.Mirror, template.Builtin(), log)
+	if err != nil {
+		return err
+	}
+	tuneHost(log)
+	rt, err := gvisor.New(gvisor.Config{Runsc: runsc, StateDir: filepath.Join(cfg.DataDir, "runtime"), Log: log})
+	if err != nil {
+		return err
+	}
+	defer rt.Close()
+	mgr := sandbox.NewManager(sandbox.Options{
+		Config: cfg.Sandbox, Runtime: rt, Store: st, Templates: tpls, AgentBinary: agentBin, Log: log,
+	})
+	if err := mgr.Start(ctx); err != nil {
+		return fmt.Errorf("starting sandbox manager: %w", err)
+	}
+	bgCtx, bgCancel := context.WithCancel(ctx)
+	defer bgCancel()
+	if cfg.BuildTemplates {
+		go func() {
+			for _, d := range tpls.Definitions() {
+				if _, err := tpls.Ensure(bgCtx, d.Name); err != nil && bgCtx.Err() == nil {
+					log.Error("building template", "name", d.Name, "err", err)
+				}
+			}
+		}()
+	}
+
+	srv := &http.Server{
+		Handler: api.New(api.Config{
+			Sandboxes: mgr, Templates: templateList{tpls}, Keys: st, Log: log,
+			Version: cfg.Version, Runtime: rt.Name(), MaxOutputBytes: cfg.MaxOutputBytes,
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		_ = mgr.Close(context.Background())
+		return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
+	}
+	log.Info("pandastack serving", "addr", ln.Addr().String(), "data", cfg.DataDir, "runsc", runsc)
+	if cfg.Ready != nil {
+		cfg.Ready(ln.Addr().String())
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err = <-errc:
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if serr := srv.Shutdown(sctx); serr != nil {
+		srv.Close()
+	}
+	if cerr := mgr.Close(sctx); cerr != nil {
+		log.Error("destroying sandboxes at shutdown", "err", cerr)
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+// KeyFile is where the first API key is written, readable by root only.
+func KeyFile(dataDir string) string { return filepath.Join(dataDir, "api-key") }
+
+// ensureAPIKey creates the first API key when the store has none: only its
+// hash is stored; the key is printed once and written to the key file.
+func ensureAPIKey(ctx context.Context, st *store.Store, dataDir string, out io.Writer) error {
+	n, err := st.CountAPIKeys(ctx)
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		return nil
+	}
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return fmt.Errorf("generating api key: %w", err)
+	}
+	key := "ps_" + base64.RawURLEncoding.EncodeToString(b)
+	path := KeyFile(dataDir)
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(key+"\n"), 0o600); err != nil {
+		return fmt.Errorf("writing api key file: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("writing api key file: %w", err)
+	}
+	if err := st.AddAPIKey(ctx, api.HashKey(key), "default"); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "Created API key (shown once; also in %s, readable by root only):\n  %s\n", path, key)
+	return nil
+}
+
+// tuneHost makes cgroup joins fast: cgroup v1 waits for RCU grace periods
+// on every join, which expedited RCU cuts from ~20 ms (see DESIGN.md).
+func tuneHost(log *slog.Logger) {
+	const p = "/sys/kernel/rcu_expedited"
+	if b, err := os.ReadFile(p); err == nil && len(b) > 0 && b[0] == '0' {
+		if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
+			log.Warn("enabling expedited RCU", "err", err)
+		} else {
+			log.Info("enabled expedited RCU for faster sandbox starts", "path", p)
+		}
+	}
+}

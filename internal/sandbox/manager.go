@@ -1,0 +1,712 @@
+// Package sandbox is the lifecycle of sandboxes: the Manager creates them
+// from templates through a runtime.Runtime, runs commands in them through
+// their agent, extends and enforces their TTL, and destroys them, keeping
+// the store in step.
+//
+// States: creating → running → stopped | expired | failed. Only running
+// sandboxes are visible through the API; ended ones stay in the store for
+// a day, for audit.
+package sandbox
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/pandastack/pandastack/internal/agent"
+	"github.com/pandastack/pandastack/internal/errdefs"
+	"github.com/pandastack/pandastack/internal/runtime"
+	"github.com/pandastack/pandastack/internal/store"
+	"github.com/pandastack/pandastack/internal/template"
+	"github.com/pandastack/pandastack/wire"
+)
+
+// Config holds the manager's defaults and maxima. Zero fields take the
+// values of DefaultConfig.
+type Config struct {
+	DefaultTTL, MaxTTL           time.Duration
+	DefaultCPU, MaxCPU           float64
+	DefaultMemoryMB, MaxMemoryMB int
+	// DiskMB caps each sandbox's writable root layer; TmpMB its /tmp.
+	DiskMB, TmpMB int
+	// Pids caps processes and threads per sandbox.
+	Pids int
+	// MaxSandboxes caps running sandboxes on this server.
+	MaxSandboxes int
+	// DefaultExecTimeout and MaxExecTimeout bound one command.
+	DefaultExecTimeout, MaxExecTimeout time.Duration
+	// ReapInterval is how often expired sandboxes are looked for.
+	ReapInterval time.Duration
+	// StartTimeout bounds a create, from runtime start to agent answer.
+	StartTimeout time.Duration
+}
+
+// DefaultConfig returns the built-in defaults.
+func DefaultConfig() Config {
+	return Config{
+		DefaultTTL: 300 * time.Second, MaxTTL: 24 * time.Hour,
+		DefaultCPU: 1, MaxCPU: 4,
+		DefaultMemoryMB: 1024, MaxMemoryMB: 8192,
+		DiskMB: 2048, TmpMB: 512, Pids: 512,
+		MaxSandboxes:       1000,
+		DefaultExecTimeout: 60 * time.Second, MaxExecTimeout: time.Hour,
+		ReapInterval: time.Second,
+		StartTimeout: 30 * time.Second,
+	}
+}
+
+func (c Config) withDefaults() Config {
+	d := DefaultConfig()
+	set := func(v *time.Duration, dv time.Duration) {
+		if *v == 0 {
+			*v = dv
+		}
+	}
+	set(&c.DefaultTTL, d.DefaultTTL)
+	set(&c.MaxTTL, d.MaxTTL)
+	set(&c.DefaultExecTimeout, d.DefaultExecTimeout)
+	set(&c.MaxExecTimeout, d.MaxExecTimeout)
+	set(&c.ReapInterval, d.ReapInterval)
+	set(&c.StartTimeout, d.StartTimeout)
+	for _, p := range []struct{ v, dv *int }{
+		{&c.DefaultMemoryMB, &d.DefaultMemoryMB}, {&c.MaxMemoryMB, &d.MaxMemoryMB},
+		{&c.DiskMB, &d.DiskMB}, {&c.TmpMB, &d.TmpMB}, {&c.Pids, &d.Pids}, {&c.MaxSandboxes, &d.MaxSandboxes},
+	} {
+		if *p.v == 0 {
+			*p.v = *p.dv
+		}
+	}
+	if c.DefaultCPU == 0 {
+		c.DefaultCPU = d.DefaultCPU
+	}
+	if c.MaxCPU == 0 {
+		c.MaxCPU = d.MaxCPU
+	}
+	return c
+}
+
+// Templates finds built templates.
+type Templates interface {
+	Get(name string) (template.Template, error)
+}
+
+// Store persists sandbox records.
+type Store interface {
+	CreateSandbox(ctx context.Context, sb store.Sandbox) error
+	GetSandbox(ctx context.Context, tenant, id string) (store.Sandbox, error)
+	ListSandboxes(ctx context.Context, tenant string, states ...string) ([]store.Sandbox, error)
+	SetSandboxState(ctx context.Context, id, state string, ended bool) error
+	SetSandboxExpiry(ctx context.Context, id string, expires time.Time) error
+	PruneEnded(ctx context.Context, before time.Time) (int64, error)
+}
+
+// Manager owns every running sandbox of this server. It is safe for
+// concurrent use; calls on one sandbox are serialised by its own lock, calls
+// on different sandboxes run in parallel.
+type Manager struct {
+	cfg       Config
+	rt        runtime.Runtime
+	store     Store
+	templates Templates
+	agentBin  string
+	log       *slog.Logger
+	now       func() time.Time
+
+	stop     context.CancelFunc
+	reaperWG sync.WaitGroup
+
+	mu sync.Mutex
+	// live holds the sandboxes that are creating or running.
+	live map[string]*instance
+	// agents maps a template hash to the agent's path inside it.
+	agents map[string]string
+	closed bool
+}
+
+// instance is one live sandbox.
+type instance struct {
+	id     string
+	tenant string
+
+	mu      sync.Mutex
+	rec     store.Sandbox
+	client  *agent.Client
+	ending  bool // set once Kill or expiry started tearing it down
+	endedCh chan struct{}
+}
+
+// Options wires a Manager.
+type Options struct {
+	Config    Config
+	Runtime   runtime.Runtime
+	Store     Store
+	Templates Templates
+	// AgentBinary is the host path of the agent, copied into templates.
+	AgentBinary string
+	Log         *slog.Logger
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
+}
+
+// NewManager returns a Manager. Call Start before use and Close after.
+func NewManager(o Options) *Manager {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Manager{
+		cfg: o.Config.withDefaults(), rt: o.Runtime, store: o.Store, templates: o.Templates,
+		agentBin: o.AgentBinary, log: o.Log, now: o.Now,
+		live: make(map[string]*instance), agents: make(map[string]string),
+	}
+}
+
+// Config returns the effective configuration.
+func (m *Manager) Config() Config { return m.cfg }
+
+// Start cleans up what an earlier daemon left and starts the TTL reaper.
+//
+// Sandboxes of an earlier daemon are destroyed, not re-adopted, and their
+// records marked stopped: nothing is leaked, and the store matches reality.
+func (m *Manager) Start(ctx context.Context) error {
+	ids, err := m.rt.List(ctx)
+	if err != nil {
+		return fmt.Errorf("listing leftover sandboxes: %w", err)
+	}
+	for _, id := range ids {
+		m.log.Info("removing sandbox left by an earlier run", "id", id)
+		if err := m.rt.Delete(ctx, id); err != nil {
+			m.log.Error("removing leftover sandbox", "id", id, "err", err)
+		}
+	}
+	recs, err := m.store.ListSandboxes(ctx, "", wire.StateCreating, wire.StateRunning)
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		if err := m.store.SetSandboxState(ctx, r.ID, wire.StateStopped, true); err != nil {
+			return err
+		}
+	}
+	rctx, cancel := context.WithCancel(context.Background())
+	m.stop = cancel
+	m.reaperWG.Add(1)
+	go m.reaper(rctx)
+	return nil
+}
+
+// Close stops the reaper and destroys every live sandbox.
+func (m *Manager) Close(ctx context.Context) error {
+	m.mu.Lock()
+	m.closed = true
+	ids := make([]*instance, 0, len(m.live))
+	for _, in := range m.live {
+		ids = append(ids, in)
+	}
+	m.mu.Unlock()
+	if m.stop != nil {
+		m.stop()
+	}
+	m.reaperWG.Wait()
+	var errs []error
+	for _, in := range ids {
+		if err := m.end(ctx, in, wire.StateStopped); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (m *Manager) reaper(ctx context.Context) {
+	defer m.reaperWG.Done()
+	t := time.NewTicker(m.cfg.ReapInterval)
+	defer t.Stop()
+	lastPrune := m.now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := m.now()
+		m.mu.Lock()
+		var expired []*instance
+		for _, in := range m.live {
+			in.mu.Lock()
+			if !in.ending && in.rec.State == wire.StateRunning && !now.Before(in.rec.ExpiresAt) {
+				expired = append(expired, in)
+			}
+			in.mu.Unlock()
+		}
+		m.mu.Unlock()
+		for _, in := range expired {
+			m.log.Info("sandbox expired", "id", in.id)
+			if err := m.end(ctx, in, wire.StateExpired); err != nil {
+				m.log.Error("destroying expired sandbox", "id", in.id, "err", err)
+			}
+		}
+		if now.Sub(lastPrune) > time.Hour {
+			lastPrune = now
+			if _, err := m.store.PruneEnded(ctx, now.Add(-24*time.Hour)); err != nil {
+				m.log.Error("pruning ended sandboxes", "err", err)
+			}
+		}
+	}
+}
+
+var envKey = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+func checkEnv(env map[string]string) error {
+	for k, v := range env {
+		if !envKey.MatchString(k) {
+			return errdefs.Invalid("invalid environment variable name %q", k)
+		}
+		if strings.ContainsRune(v, 0) {
+			return errdefs.Invalid("environment variable %q contains a NUL byte", k)
+		}
+	}
+	return nil
+}
+
+func envList(env map[string]string) []string {
+	out := make([]string, 0, len(env))
+	for k, v := range env {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// baseEnv is every sandbox's environment before the request's own.
+var baseEnv = []string{
+	"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+	"HOME=/root",
+	"LANG=C.UTF-8",
+	"TERM=xterm",
+	"PYTHONUNBUFFERED=1",
+	"MPLBACKEND=Agg",
+}
+
+func newID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return "sb-" + hex.EncodeToString(b)
+}
+
+// Create starts a sandbox for tenant and returns it running.
+func (m *Manager) Create(ctx context.Context, tenant string, req wire.CreateSandboxRequest) (wire.Sandbox, error) {
+	if req.Template == "" {
+		req.Template = "base"
+	}
+	ttl, err := m.ttl(req.TTLSeconds, true)
+	if err != nil {
+		return wire.Sandbox{}, err
+	}
+	cpu := req.CPU
+	if cpu == 0 {
+		cpu = m.cfg.DefaultCPU
+	}
+	if cpu < 0.05 || cpu > m.cfg.MaxCPU {
+		return wire.Sandbox{}, errdefs.Invalid("cpu must be between 0.05 and %g, got %g", m.cfg.MaxCPU, req.CPU)
+	}
+	mem := req.MemoryMB
+	if mem == 0 {
+		mem = m.cfg.DefaultMemoryMB
+	}
+	if mem < 64 || mem > m.cfg.MaxMemoryMB {
+		return wire.Sandbox{}, errdefs.Invalid("memory_mb must be between 64 and %d, got %d", m.cfg.MaxMemoryMB, req.MemoryMB)
+	}
+	if err := checkEnv(req.Env); err != nil {
+		return wire.Sandbox{}, err
+	}
+	if len(req.Metadata) > 64 {
+		return wire.Sandbox{}, errdefs.Invalid("metadata has %d keys; at most 64 are allowed", len(req.Metadata))
+	}
+	for k, v := range req.Metadata {
+		if len(k) == 0 || len(k) > 256 || len(v) > 4096 {
+			return wire.Sandbox{}, errdefs.Invalid("metadata key %q: keys must be 1-256 bytes and values at most 4096", k)
+		}
+	}
+	tpl, err := m.templates.Get(req.Template)
+	if err != nil {
+		return wire.Sandbox{}, err
+	}
+	agentPath, err := m.agentIn(tpl)
+	if err != nil {
+		return wire.Sandbox{}, err
+	}
+
+	now := m.now().UTC()
+	if req.Metadata == nil {
+		req.Metadata = map[string]string{}
+	}
+	in := &instance{
+		id: newID(), tenant: tenant, endedCh: make(chan struct{}),
+	}
+	in.rec = store.Sandbox{
+		ID: in.id, Tenant: tenant, Template: tpl.Name, State: wire.StateCreating,
+		CreatedAt: now, ExpiresAt: now.Add(ttl), Metadata: req.Metadata, CPU: cpu, MemoryMB: mem,
+	}
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return wire.Sandbox{}, errdefs.Unavailable("server is shutting down")
+	}
+	if len(m.live) >= m.cfg.MaxSandboxes {
+		m.mu.Unlock()
+		return wire.Sandbox{}, errdefs.New(errdefs.ErrQuota, "server is at its limit of %d sandboxes", m.cfg.MaxSandboxes)
+	}
+	m.live[in.id] = in
+	m.mu.Unlock()
+	// The instance lock is held until the sandbox runs, so a concurrent
+	// kill of the new id waits for the create to settle.
+	in.mu.Lock()
+	defer in.mu.Unlock()
+
+	// A create outlives a client that hangs up: it finishes or is undone.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.StartTimeout)
+	defer cancel()
+	if err := m.store.CreateSandbox(cctx, in.rec); err != nil {
+		m.forget(in)
+		return wire.Sandbox{}, err
+	}
+	spec := runtime.Spec{
+		ID:        in.id,
+		Hostname:  in.id,
+		RootfsDir: tpl.Rootfs,
+		Init:      []string{agentPath},
+		Env:       append(append([]string{}, baseEnv...), envList(req.Env)...),
+		Limits: runtime.Limits{
+			CPU:         cpu,
+			MemoryBytes: int64(mem) << 20,
+			Pids:        int64(m.cfg.Pids),
+			DiskBytes:   int64(m.cfg.DiskMB) << 20,
+			TmpBytes:    int64(m.cfg.TmpMB) << 20,
+		},
+	}
+	client, err := m.boot(cctx, spec)
+	if err != nil {
+		m.forget(in)
+		_ = m.store.SetSandboxState(context.WithoutCancel(ctx), in.id, wire.StateFailed, true)
+		return wire.Sandbox{}, err
+	}
+	in.client = client
+	in.rec.State = wire.StateRunning
+	if err := m.store.SetSandboxState(cctx, in.id, wire.StateRunning, false); err != nil {
+		client.Close()
+		_ = m.rt.Delete(context.WithoutCancel(ctx), in.id)
+		m.forget(in)
+		return wire.Sandbox{}, err
+	}
+	go m.watch(in, client)
+	m.log.Info("sandbox created", "id", in.id, "tenant", tenant, "template", tpl.Name)
+	return toWire(in.rec), nil
+}
+
+// boot starts the sandbox and waits for its agent; on error nothing of it
+// is left.
+func (m *Manager) boot(ctx context.Context, spec runtime.Spec) (*agent.Client, error) {
+	if err := m.rt.Start(ctx, spec); err != nil {
+		return nil, errdefs.Unavailable("starting sandbox: %v", err)
+	}
+	client, err := m.connect(ctx, spec.ID)
+	if err != nil {
+		_ = m.rt.Delete(context.WithoutCancel(ctx), spec.ID)
+		return nil, errdefs.Unavailable("connecting to the agent of %s: %v", spec.ID, err)
+	}
+	return client, nil
+}
+
+func (m *Manager) connect(ctx context.Context, id string) (*agent.Client, error) {
+	conn, err := m.rt.Connect(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	client, err := agent.NewClient(conn)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if _, err := client.Ping(ctx); err != nil {
+		client.Close()
+		return nil, err
+	}
+	return client, nil
+}
+
+// agentIn returns the agent's path inside the template, installing it on
+// first use.
+func (m *Manager) agentIn(tpl template.Template) (string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if p, ok := m.agents[tpl.Hash]; ok {
+		return p, nil
+	}
+	p, err := template.InstallAgent(tpl, m.agentBin)
+	if err != nil {
+		return "", fmt.Errorf("installing agent into template %q: %w", tpl.Name, err)
+	}
+	m.agents[tpl.Hash] = p
+	return p, nil
+}
+
+func (m *Manager) forget(in *instance) {
+	m.mu.Lock()
+	delete(m.live, in.id)
+	m.mu.Unlock()
+}
+
+// watch notices a sandbox that dies on its own (its agent session closes)
+// and cleans it up.
+func (m *Manager) watch(in *instance, client *agent.Client) {
+	select {
+	case <-client.Closed():
+	case <-in.endedCh:
+		return
+	}
+	in.mu.Lock()
+	ending := in.ending
+	in.mu.Unlock()
+	if ending {
+		return
+	}
+	m.log.Warn("sandbox died", "id", in.id)
+	if err := m.end(context.Background(), in, wire.StateFailed); err != nil {
+		m.log.Error("cleaning up dead sandbox", "id", in.id, "err", err)
+	}
+}
+
+// end tears a live sandbox down and records its final state. Only the first
+// call for a sandbox does anything.
+func (m *Manager) end(ctx context.Context, in *instance, state string) error {
+	in.mu.Lock()
+	if in.ending {
+		in.mu.Unlock()
+		return nil
+	}
+	in.ending = true
+	close(in.endedCh)
+	client := in.client
+	in.mu.Unlock()
+	ctx = context.WithoutCancel(ctx)
+	if client != nil {
+		client.Close()
+	}
+	err := m.rt.Delete(ctx, in.id)
+	m.forget(in)
+	if serr := m.store.SetSandboxState(ctx, in.id, state, true); serr != nil {
+		err = errors.Join(err, serr)
+	}
+	return err
+}
+
+// lookup returns the tenant's live, running sandbox.
+func (m *Manager) lookup(tenant, id string) (*instance, error) {
+	m.mu.Lock()
+	in, ok := m.live[id]
+	m.mu.Unlock()
+	if !ok || in.tenant != tenant {
+		return nil, errdefs.NotFound("sandbox %q not found", id)
+	}
+	return in, nil
+}
+
+// Get returns the tenant's sandbox.
+func (m *Manager) Get(ctx context.Context, tenant, id string) (wire.Sandbox, error) {
+	in, err := m.lookup(tenant, id)
+	if err != nil {
+		return wire.Sandbox{}, err
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.ending || in.rec.State != wire.StateRunning {
+		return wire.Sandbox{}, errdefs.NotFound("sandbox %q not found", id)
+	}
+	return toWire(in.rec), nil
+}
+
+// List returns the tenant's running sandboxes, oldest first.
+func (m *Manager) List(ctx context.Context, tenant string) ([]wire.Sandbox, error) {
+	m.mu.Lock()
+	var ins []*instance
+	for _, in := range m.live {
+		if in.tenant == tenant {
+			ins = append(ins, in)
+		}
+	}
+	m.mu.Unlock()
+	out := make([]wire.Sandbox, 0, len(ins))
+	for _, in := range ins {
+		in.mu.Lock()
+		if !in.ending && in.rec.State == wire.StateRunning {
+			out = append(out, toWire(in.rec))
+		}
+		in.mu.Unlock()
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if !out[i].CreatedAt.Equal(out[j].CreatedAt) {
+			return out[i].CreatedAt.Before(out[j].CreatedAt)
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out, nil
+}
+
+// Kill destroys the tenant's sandbox. Killing one that is gone is NotFound.
+func (m *Manager) Kill(ctx context.Context, tenant, id string) error {
+	in, err := m.lookup(tenant, id)
+	if err != nil {
+		return err
+	}
+	in.mu.Lock()
+	ending := in.ending
+	in.mu.Unlock()
+	if ending {
+		return errdefs.NotFound("sandbox %q not found", id)
+	}
+	m.log.Info("sandbox killed", "id", id)
+	return m.end(ctx, in, wire.StateStopped)
+}
+
+func (m *Manager) ttl(seconds int, allowZero bool) (time.Duration, error) {
+	if seconds == 0 && allowZero {
+		return m.cfg.DefaultTTL, nil
+	}
+	d := time.Duration(seconds) * time.Second
+	if seconds < 1 || d > m.cfg.MaxTTL {
+		return 0, errdefs.Invalid("ttl_seconds must be between 1 and %d, got %d", int(m.cfg.MaxTTL/time.Second), seconds)
+	}
+	return d, nil
+}
+
+// SetTimeout makes the sandbox expire ttlSeconds from now.
+func (m *Manager) SetTimeout(ctx context.Context, tenant, id string, ttlSeconds int) (wire.Sandbox, error) {
+	ttl, err := m.ttl(ttlSeconds, false)
+	if err != nil {
+		return wire.Sandbox{}, err
+	}
+	in, err := m.lookup(tenant, id)
+	if err != nil {
+		return wire.Sandbox{}, err
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.ending || in.rec.State != wire.StateRunning {
+		return wire.Sandbox{}, errdefs.NotFound("sandbox %q not found", id)
+	}
+	exp := m.now().UTC().Add(ttl)
+	if err := m.store.SetSandboxExpiry(ctx, id, exp); err != nil {
+		return wire.Sandbox{}, err
+	}
+	in.rec.ExpiresAt = exp
+	return toWire(in.rec), nil
+}
+
+// Output receives a command's output as it is produced; stream is
+// wire.EventStdout or wire.EventStderr. An error stops the command.
+type Output func(stream string, data []byte) error
+
+// Exec runs one command in the tenant's sandbox. The result's Stdout and
+// Stderr are left empty: output goes to out.
+func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequest, out Output) (wire.ExecResult, error) {
+	areq, err := m.execRequest(req)
+	if err != nil {
+		return wire.ExecResult{}, err
+	}
+	in, err := m.lookup(tenant, id)
+	if err != nil {
+		return wire.ExecResult{}, err
+	}
+	in.mu.Lock()
+	client, ending := in.client, in.ending
+	in.mu.Unlock()
+	if ending || client == nil {
+		return wire.ExecResult{}, errdefs.NotFound("sandbox %q not found", id)
+	}
+	eio := agent.ExecIO{
+		Stdout: func(b []byte) error { return out(wire.EventStdout, b) },
+		Stderr: func(b []byte) error { return out(wire.EventStderr, b) },
+	}
+	if req.Stdin != "" {
+		eio.Stdin = strings.NewReader(req.Stdin)
+	}
+	start := time.Now()
+	ex, err := client.Exec(ctx, areq, eio)
+	dur := time.Since(start)
+	if err != nil {
+		if ctx.Err() != nil {
+			return wire.ExecResult{}, fmt.Errorf("running command: %w", err)
+		}
+		in.mu.Lock()
+		ending = in.ending
+		in.mu.Unlock()
+		if ending || errors.Is(err, agent.ErrSessionClosed) {
+			return wire.ExecResult{}, errdefs.Conflict("sandbox %q stopped while the command ran", id)
+		}
+		return wire.ExecResult{}, errdefs.Unavailable("running command in %s: %v", id, err)
+	}
+	return wire.ExecResult{
+		ExitCode:   ex.ExitCode,
+		TimedOut:   ex.TimedOut,
+		DurationMS: float64(dur.Microseconds()) / 1000,
+	}, nil
+}
+
+func (m *Manager) execRequest(req wire.ExecRequest) (agent.ExecRequest, error) {
+	var argv []string
+	switch {
+	case req.Cmd != "" && len(req.Argv) > 0:
+		return agent.ExecRequest{}, errdefs.Invalid("give either cmd or argv, not both")
+	case req.Cmd != "":
+		argv = []string{"/bin/sh", "-c", req.Cmd}
+	case len(req.Argv) > 0:
+		if req.Argv[0] == "" {
+			return agent.ExecRequest{}, errdefs.Invalid("argv[0] is empty")
+		}
+		argv = req.Argv
+	default:
+		return agent.ExecRequest{}, errdefs.Invalid("cmd or argv is required")
+	}
+	for _, a := range argv {
+		if strings.ContainsRune(a, 0) {
+			return agent.ExecRequest{}, errdefs.Invalid("command contains a NUL byte")
+		}
+	}
+	if err := checkEnv(req.Env); err != nil {
+		return agent.ExecRequest{}, err
+	}
+	if req.Cwd != "" && !strings.HasPrefix(req.Cwd, "/") {
+		return agent.ExecRequest{}, errdefs.Invalid("cwd must be an absolute path, got %q", req.Cwd)
+	}
+	timeout := m.cfg.DefaultExecTimeout
+	if req.TimeoutSeconds != 0 {
+		timeout = time.Duration(req.TimeoutSeconds * float64(time.Second))
+		if req.TimeoutSeconds < 0 || timeout > m.cfg.MaxExecTimeout {
+			return agent.ExecRequest{}, errdefs.Invalid("timeout_seconds must be between 0 and %d, got %g", int(m.cfg.MaxExecTimeout/time.Second), req.TimeoutSeconds)
+		}
+	}
+	// A zero TimeoutMS means no timeout to the agent: never send one.
+	ms := max(timeout.Milliseconds(), 1)
+	return agent.ExecRequest{Argv: argv, Env: envList(req.Env), Cwd: req.Cwd, TimeoutMS: ms}, nil
+}
+
+func toWire(r store.Sandbox) wire.Sandbox {
+	md := make(map[string]string, len(r.Metadata))
+	for k, v := range r.Metadata {
+		md[k] = v
+	}
+	return wire.Sandbox{
+		ID: r.ID, Template: r.Template, State: r.State, CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt,
+		Metadata: md, CPU: r.CPU, MemoryMB: r.MemoryMB,
+	}
+}
