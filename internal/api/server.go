@@ -58,8 +58,9 @@ type Config struct {
 
 // Server serves the API. Create it with New.
 type Server struct {
-	cfg Config
-	mux *http.ServeMux
+	cfg      Config
+	mux      *http.ServeMux
+	patterns []string
 }
 
 // HashKey returns the stored form of an API key.
@@ -95,13 +96,7 @@ func New(cfg Config) *Server {
 }
 
 // Routes lists the registered "METHOD /path" patterns, for the spec test.
-func Routes() []string {
-	return []string{
-		"GET /v1/health", "GET /v1/templates", "POST /v1/sandboxes", "GET /v1/sandboxes",
-		"GET /v1/sandboxes/{id}", "DELETE /v1/sandboxes/{id}", "POST /v1/sandboxes/{id}/timeout",
-		"POST /v1/sandboxes/{id}/exec",
-	}
-}
+func (s *Server) Routes() []string { return append([]string(nil), s.patterns...) }
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -124,6 +119,7 @@ type tenantKey struct{}
 type handler func(w http.ResponseWriter, r *http.Request, tenant string) error
 
 func (s *Server) route(pattern string, auth bool, h handler) {
+	s.patterns = append(s.patterns, pattern)
 	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		tenant := ""

@@ -1,7 +1,6 @@
 package cli
 
 import (
-
 	"log/slog"
 	"os"
 	"os/signal"
@@ -64,4 +63,3 @@ in-flight requests get 10 s, then every sandbox is destroyed.`,
 	f.BoolVar(&debug, "debug", false, "log every request")
 	return cmd
 }
-

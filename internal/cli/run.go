@@ -1,0 +1,99 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	pandastack "github.com/pandastack/pandastack/sdk/go"
+)
+
+// exitInterrupted is the exit code of a run stopped by SIGINT or SIGTERM,
+// as a shell reports a child killed by SIGINT (128+2).
+const exitInterrupted = 130
+
+// newRunCmd returns `pandastack run`: a throwaway sandbox for one command.
+func newRunCmd() *cobra.Command {
+	var (
+		template string
+		ttl      int
+		timeout  float64
+		env      []string
+	)
+	cmd := &cobra.Command{
+		Use:   "run [flags] [--] CMD...",
+		Short: "Run one command in a fresh sandbox, then destroy it",
+		Long: "Create a sandbox, run a command in it with live output, destroy the sandbox (also\n" +
+			"on Ctrl-C) and exit with the command's exit code. One CMD argument is a shell\n" +
+			"command line (run by /bin/sh -c); several are the program and its arguments.",
+		Example: "  pandastack run -- 'uname -a; id'\n" +
+			"  pandastack run --template python --timeout 30 python3 -c 'print(6*7)'",
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			opts, err := execOptions(timeout, env, "")
+			if err != nil {
+				return err
+			}
+			c, err := newClient(cmd)
+			if err != nil {
+				return err
+			}
+			return runOnce(cmd, c, pandastack.CreateOptions{
+				Template: template,
+				TTL:      time.Duration(ttl) * time.Second,
+			}, args, opts)
+		},
+	}
+	// Flags end at the first word of the command, so that its own flags
+	// need no "--": `pandastack run ls -l`.
+	cmd.Flags().SetInterspersed(false)
+	cmd.Flags().StringVar(&template, "template", "", `template to start from (server default "base")`)
+	cmd.Flags().IntVar(&ttl, "ttl", 0, "seconds the sandbox lives at most, should cleanup fail (0: the server's default, 300)")
+	addExecFlags(cmd, &timeout, &env, nil)
+	return cmd
+}
+
+// runOnce creates a sandbox, runs argv in it and kills it, whatever happens
+// in between, including SIGINT and SIGTERM.
+func runOnce(cmd *cobra.Command, c *pandastack.Client, create pandastack.CreateOptions, argv []string, opts pandastack.ExecOptions) error {
+	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	sb, err := c.Create(ctx, create)
+	if err != nil {
+		if interrupted(ctx, cmd.Context()) {
+			// The server may have created it anyway; its TTL bounds the leak.
+			fmt.Fprintf(cmd.ErrOrStderr(), "pandastack: %v while creating the sandbox\n", context.Cause(ctx))
+			return ExitCodeError{Code: exitInterrupted}
+		}
+		return err
+	}
+	defer func() {
+		// Restore the default signal behavior first, so that a second
+		// Ctrl-C during the kill ends the process at once.
+		stop()
+		if err := sb.Close(); err != nil {
+			fmt.Fprintf(cmd.ErrOrStderr(), "pandastack: %v; it will expire at %s\n",
+				err, sb.Info().ExpiresAt.Format(time.RFC3339))
+		}
+	}()
+
+	err = execute(ctx, cmd, sb, argv, opts)
+	if err != nil && interrupted(ctx, cmd.Context()) {
+		fmt.Fprintf(cmd.ErrOrStderr(), "pandastack: %v; killing sandbox %s\n", context.Cause(ctx), sb.ID())
+		return ExitCodeError{Code: exitInterrupted}
+	}
+	return err
+}
+
+// interrupted reports whether ctx, made by signal.NotifyContext from parent,
+// was cancelled by a signal rather than by parent (before stop is called,
+// nothing else cancels it).
+func interrupted(ctx, parent context.Context) bool {
+	return ctx.Err() != nil && parent.Err() == nil
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs every test against real gVisor sandboxes: installs what the tests
+# need (scripts/install.sh --no-start), then the Go tests, then the Python
+# SDK's unit tests and its integration tests against a real server started
+# here on a free loopback port with its own data directory.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+export PATH=/usr/local/go/bin:$PATH
+
+"$repo/scripts/install.sh" --no-start
+
+echo "==> go vet"
+go vet ./...
+
+echo "==> go test (real sandboxes)"
+export PANDASTACK_REQUIRE_SANDBOX=1
+export PANDASTACK_TEMPLATE_DIR=${PANDASTACK_DATA_DIR:-/var/lib/pandastack}/templates
+go test -count=1 -timeout 30m ./...
+
+echo "==> Python SDK unit tests"
+(cd sdk/python && /usr/bin/python3 -m pytest -q tests/test_unit.py)
+
+echo "==> Python SDK integration tests against a real server"
+tmp=$(mktemp -d)
+port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+/usr/local/bin/pandastack serve --listen "127.0.0.1:$port" --data-dir "$tmp/data" \
+	--template-dir "$PANDASTACK_TEMPLATE_DIR" --build-templates=false >"$tmp/server.log" 2>&1 &
+server=$!
+cleanup() {
+	kill "$server" 2>/dev/null || true
+	wait "$server" 2>/dev/null || true
+	umount -l "$tmp/data/runtime/runsc/null-netns" 2>/dev/null || true
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+for _ in $(seq 100); do
+	curl -fsS "http://127.0.0.1:$port/v1/health" >/dev/null 2>&1 && break
+	sleep 0.1
+done
+export PANDASTACK_URL="http://127.0.0.1:$port"
+PANDASTACK_API_KEY=$(cat "$tmp/data/api-key")
+export PANDASTACK_API_KEY PANDASTACK_REQUIRE_SERVER=1
+if ! (cd sdk/python && /usr/bin/python3 -m pytest -q tests/test_integration.py); then
+	echo "--- server log" >&2
+	tail -50 "$tmp/server.log" >&2
+	exit 1
+fi
+echo "==> all tests passed"

@@ -1,0 +1,36 @@
+"""PandaStack Python SDK: run untrusted code in gVisor sandboxes.
+
+    from pandastack import Sandbox
+    with Sandbox.create(template="code-interpreter", ttl_seconds=300) as sb:
+        result = sb.exec("python3 -c 'print(sum(range(100)))'", timeout_seconds=30)
+        print(result.stdout, result.exit_code)
+
+The server URL and API key come from the arguments, else $PANDASTACK_URL and
+$PANDASTACK_API_KEY, else http://127.0.0.1:7423 and the server's key file
+($PANDASTACK_DATA_DIR/api-key, by default /var/lib/pandastack/api-key).
+Standard library only; Python 3.9 or later.
+"""
+
+from ._http import __version__
+from .errors import (AuthenticationError, ConflictError, InvalidArgumentError, NotFoundError,
+                     PandaStackConnectionError, PandaStackError, QuotaExceededError, ServerError,
+                     TooLargeError, UnavailableError)
+from .models import ExecResult, SandboxInfo
+from .sandbox import Sandbox
+
+__all__ = [
+    "Sandbox",
+    "SandboxInfo",
+    "ExecResult",
+    "PandaStackError",
+    "InvalidArgumentError",
+    "AuthenticationError",
+    "NotFoundError",
+    "ConflictError",
+    "TooLargeError",
+    "QuotaExceededError",
+    "UnavailableError",
+    "ServerError",
+    "PandaStackConnectionError",
+    "__version__",
+]

@@ -1,0 +1,100 @@
+"""Plain data types returned by the SDK."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Dict, Mapping, Optional
+
+# RFC 3339 as Go writes it (time.RFC3339Nano): up to nine fraction digits,
+# "Z" or a numeric offset. datetime.fromisoformat on Python < 3.11 reads
+# neither "Z" nor more than six digits, so parse by hand.
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
+    r"(?:([Zz])|([+-])(\d{2}):?(\d{2}))?$"
+)
+
+
+def parse_time(value: Any) -> Optional[datetime]:
+    """Parse an RFC 3339 timestamp into an aware datetime (None for null or empty)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("timestamp is not a string: %r" % (value,))
+    m = _RFC3339.match(value.strip())
+    if not m:
+        raise ValueError("not an RFC 3339 timestamp: %r" % (value,))
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    frac = m.group(7) or ""
+    micro = int((frac + "000000")[:6]) if frac else 0
+    if m.group(9):
+        offset = timedelta(hours=int(m.group(10)), minutes=int(m.group(11)))
+        if m.group(9) == "-":
+            offset = -offset
+        tz = timezone(offset)
+    else:
+        # "Z", or no zone at all (not RFC 3339, but read it as UTC).
+        tz = timezone.utc
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
+
+
+def _str_map(value: Any) -> Dict[str, str]:
+    if not value:
+        return {}
+    return {str(k): str(v) for k, v in dict(value).items()}
+
+
+@dataclass
+class SandboxInfo:
+    """What the server last said about a sandbox (the API's ``Sandbox``)."""
+
+    id: str
+    template: str
+    state: str
+    created_at: Optional[datetime]
+    expires_at: Optional[datetime]
+    metadata: Dict[str, str] = field(default_factory=dict)
+    cpu: float = 0.0
+    memory_mb: int = 0
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> "SandboxInfo":
+        return cls(
+            id=str(doc.get("id", "")),
+            template=str(doc.get("template", "")),
+            state=str(doc.get("state", "")),
+            created_at=parse_time(doc.get("created_at")),
+            expires_at=parse_time(doc.get("expires_at")),
+            metadata=_str_map(doc.get("metadata")),
+            cpu=float(doc.get("cpu") or 0),
+            memory_mb=int(doc.get("memory_mb") or 0),
+        )
+
+
+@dataclass
+class ExecResult:
+    """The outcome of :meth:`Sandbox.exec`.
+
+    ``exit_code`` is 124 when the command ran past its timeout (``timed_out``
+    is then True), 128+N when killed by signal N, 127 when not found.
+    ``truncated`` is True when stdout or stderr hit the server's output cap.
+    """
+
+    stdout: str
+    stderr: str
+    exit_code: int
+    timed_out: bool = False
+    truncated: bool = False
+    duration_ms: float = 0.0
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> "ExecResult":
+        return cls(
+            stdout=str(doc.get("stdout") or ""),
+            stderr=str(doc.get("stderr") or ""),
+            exit_code=int(doc.get("exit_code", -1)),
+            timed_out=bool(doc.get("timed_out", False)),
+            truncated=bool(doc.get("truncated", False)),
+            duration_ms=float(doc.get("duration_ms") or 0.0),
+        )

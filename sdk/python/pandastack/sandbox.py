@@ -1,0 +1,240 @@
+"""The Sandbox class: create, use and kill PandaStack sandboxes."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from ._http import DEFAULT_REQUEST_TIMEOUT, HTTPClient, path_escape, str_map
+from .errors import (NotFoundError, PandaStackConnectionError, PandaStackError, ServerError,
+                     error_from_code)
+from .models import ExecResult, SandboxInfo
+
+DEFAULT_TEMPLATE = "base"
+DEFAULT_EXEC_TIMEOUT = 60.0
+# Extra seconds the HTTP read timeout of an exec allows beyond the command's
+# own timeout: the server needs time to start, kill and report.
+EXEC_TIMEOUT_MARGIN = 30.0
+
+OutputCallback = Callable[[str], Any]
+
+
+class Sandbox:
+    """A handle on one sandbox.
+
+    Make one with :meth:`create` or :meth:`connect`. As a context manager it
+    kills the sandbox on exit::
+
+        with Sandbox.create(template="code-interpreter") as sb:
+            print(sb.exec("echo hi").stdout)
+    """
+
+    def __init__(self, info: SandboxInfo, client: HTTPClient):
+        self._info = info
+        self._client = client
+
+    # ----- constructors -----------------------------------------------------
+
+    @classmethod
+    def create(cls, template: str = DEFAULT_TEMPLATE, ttl_seconds: Optional[int] = None,
+               env: Optional[Mapping[str, str]] = None,
+               metadata: Optional[Mapping[str, str]] = None,
+               cpu: Optional[float] = None, memory_mb: Optional[int] = None, *,
+               url: Optional[str] = None, api_key: Optional[str] = None,
+               request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT) -> "Sandbox":
+        """Start a new sandbox from ``template`` and return it once it is running.
+
+        ``ttl_seconds``, ``cpu`` and ``memory_mb`` default to the server's
+        defaults (300 s, 1 CPU, 1024 MiB). ``env`` is set for every command,
+        ``metadata`` is stored with the sandbox.
+        """
+        client = HTTPClient(url, api_key, request_timeout)
+        body: Dict[str, Any] = {"template": template}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        if env is not None:
+            body["env"] = str_map(env)
+        if metadata is not None:
+            body["metadata"] = str_map(metadata)
+        if cpu is not None:
+            body["cpu"] = cpu
+        if memory_mb is not None:
+            body["memory_mb"] = memory_mb
+        doc = client.call("POST", "/v1/sandboxes", body)
+        return cls(_sandbox_info(doc, client), client)
+
+    @classmethod
+    def connect(cls, id: str, *, url: Optional[str] = None, api_key: Optional[str] = None,
+                request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT) -> "Sandbox":
+        """Attach to an existing sandbox by id (raises NotFoundError if there is none)."""
+        client = HTTPClient(url, api_key, request_timeout)
+        doc = client.call("GET", "/v1/sandboxes/" + path_escape(id))
+        return cls(_sandbox_info(doc, client), client)
+
+    @classmethod
+    def list(cls, *, url: Optional[str] = None, api_key: Optional[str] = None,
+             request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT) -> List[SandboxInfo]:
+        """The caller's running sandboxes."""
+        client = HTTPClient(url, api_key, request_timeout)
+        doc = client.call("GET", "/v1/sandboxes")
+        if not isinstance(doc, dict) or not isinstance(doc.get("sandboxes", []), (list, type(None))):
+            raise ServerError("GET %s/v1/sandboxes: unexpected answer %r" % (client.base_url, doc))
+        return [_sandbox_info(item, client) for item in (doc.get("sandboxes") or [])]
+
+    # ----- state ------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self._info.id
+
+    @property
+    def info(self) -> SandboxInfo:
+        """What the server last said about this sandbox; :meth:`refresh` asks again."""
+        return self._info
+
+    @property
+    def url(self) -> str:
+        """The server this handle talks to."""
+        return self._client.base_url
+
+    def refresh(self) -> SandboxInfo:
+        """Fetch the sandbox's current description, store it in :attr:`info` and return it."""
+        doc = self._client.call("GET", self._path())
+        self._info = _sandbox_info(doc, self._client)
+        return self._info
+
+    def set_timeout(self, seconds: int) -> SandboxInfo:
+        """Make the sandbox expire ``seconds`` from now; returns the updated :attr:`info`."""
+        doc = self._client.call("POST", self._path("/timeout"), {"ttl_seconds": seconds})
+        self._info = _sandbox_info(doc, self._client)
+        return self._info
+
+    def kill(self) -> None:
+        """Stop and remove the sandbox. Killing it again raises NotFoundError."""
+        self._client.call("DELETE", self._path())
+        self._info.state = "stopped"
+
+    # ----- exec -------------------------------------------------------------
+
+    def exec(self, cmd: Union[str, Sequence[str]], timeout_seconds: Optional[float] = DEFAULT_EXEC_TIMEOUT,
+             env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
+             stdin: Optional[Union[str, bytes]] = None,
+             on_stdout: Optional[OutputCallback] = None,
+             on_stderr: Optional[OutputCallback] = None) -> ExecResult:
+        """Run a command in the sandbox and wait for it to exit.
+
+        ``cmd`` is a string run by ``/bin/sh -c`` or a list of arguments run
+        directly. A command past ``timeout_seconds`` is killed and the result
+        has ``timed_out=True`` and ``exit_code=124``. With ``on_stdout`` or
+        ``on_stderr`` the output is streamed: each callback gets every chunk
+        of text as it is produced, and the returned result still holds all of
+        it.
+        """
+        body: Dict[str, Any] = {}
+        if isinstance(cmd, str):
+            body["cmd"] = cmd
+        elif isinstance(cmd, (bytes, bytearray)):
+            raise TypeError("cmd must be a str or a list of str, not bytes")
+        else:
+            argv = list(cmd)
+            if not all(isinstance(a, str) for a in argv):
+                raise TypeError("cmd as a list must hold only str, got %r" % (argv,))
+            body["argv"] = argv
+        if env is not None:
+            body["env"] = str_map(env)
+        if cwd is not None:
+            body["cwd"] = cwd
+        if stdin is not None:
+            if isinstance(stdin, (bytes, bytearray)):
+                stdin = bytes(stdin).decode("utf-8")
+            body["stdin"] = stdin
+        if timeout_seconds is not None:
+            body["timeout_seconds"] = timeout_seconds
+
+        # The answer comes only when the command ends: wait longer than it may run.
+        command_timeout = timeout_seconds if timeout_seconds is not None else DEFAULT_EXEC_TIMEOUT
+        http_timeout = command_timeout + EXEC_TIMEOUT_MARGIN
+        if self._client.request_timeout is not None:
+            http_timeout = max(http_timeout, self._client.request_timeout)
+
+        if on_stdout is None and on_stderr is None:
+            doc = self._client.call("POST", self._path("/exec"), body, timeout=http_timeout)
+            if not isinstance(doc, dict):
+                raise ServerError("exec in %s: unexpected answer %r" % (self.id, doc))
+            return ExecResult.from_json(doc)
+        return self._exec_stream(body, http_timeout, on_stdout, on_stderr)
+
+    def _exec_stream(self, body: Dict[str, Any], http_timeout: float,
+                     on_stdout: Optional[OutputCallback],
+                     on_stderr: Optional[OutputCallback]) -> ExecResult:
+        client = self._client
+        stdout: List[str] = []
+        stderr: List[str] = []
+        with client.open("POST", self._path("/exec"), body, timeout=http_timeout,
+                         accept="application/x-ndjson") as resp:
+            for raw in client.iter_lines("POST", resp):
+                line = raw.strip()
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line.decode("utf-8"))
+                except (ValueError, UnicodeDecodeError):
+                    raise ServerError("exec in %s: bad stream line %r" % (self.id, raw[:200])) from None
+                if not isinstance(event, dict):
+                    raise ServerError("exec in %s: bad stream event %r" % (self.id, event))
+                kind = event.get("type")
+                if kind == "stdout":
+                    data = str(event.get("data") or "")
+                    stdout.append(data)
+                    if on_stdout is not None and data:
+                        on_stdout(data)
+                elif kind == "stderr":
+                    data = str(event.get("data") or "")
+                    stderr.append(data)
+                    if on_stderr is not None and data:
+                        on_stderr(data)
+                elif kind == "exit":
+                    result = ExecResult.from_json(event.get("result") or {})
+                    # The exit event's own stdout/stderr are empty: they were streamed.
+                    result.stdout = "".join(stdout) or result.stdout
+                    result.stderr = "".join(stderr) or result.stderr
+                    return result
+                elif kind == "error":
+                    err = event.get("error") or {}
+                    raise error_from_code(err.get("code"), str(err.get("message") or "exec stream failed"))
+                # Unknown event types are skipped: newer servers may add some.
+        raise PandaStackConnectionError(
+            "exec in %s: the stream from %s ended before the command's exit event"
+            % (self.id, client.base_url), url=client.base_url)
+
+    # ----- context manager --------------------------------------------------
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.kill()
+        except NotFoundError:
+            pass  # already killed or expired: the goal is reached
+        except PandaStackError as e:
+            if exc_type is None:
+                raise
+            # Do not hide the error that ended the block; the TTL reaps the sandbox.
+            warnings.warn("could not kill sandbox %s: %s" % (self.id, e), RuntimeWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        return "Sandbox(id=%r, template=%r, state=%r)" % (self._info.id, self._info.template, self._info.state)
+
+    def _path(self, suffix: str = "") -> str:
+        return "/v1/sandboxes/" + path_escape(self._info.id) + suffix
+
+
+def _sandbox_info(doc: Any, client: HTTPClient) -> SandboxInfo:
+    if not isinstance(doc, dict) or not doc.get("id"):
+        raise ServerError("unexpected answer from %s, not a sandbox: %r" % (client.base_url, doc))
+    try:
+        return SandboxInfo.from_json(doc)
+    except (TypeError, ValueError) as e:
+        raise ServerError("unexpected sandbox from %s: %s" % (client.base_url, e)) from None

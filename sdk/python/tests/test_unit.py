@@ -1,0 +1,604 @@
+"""Unit tests of the client against a fake server that follows docs/API.md.
+
+They check what the SDK sends and how it reads answers; nothing here needs a
+real PandaStack daemon.
+"""
+
+import contextlib
+import io
+import json
+import os
+import socket
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import pandastack
+from pandastack import (AuthenticationError, ConflictError, ExecResult, InvalidArgumentError,
+                        NotFoundError, PandaStackConnectionError, PandaStackError,
+                        QuotaExceededError, Sandbox, SandboxInfo, ServerError, TooLargeError,
+                        UnavailableError)
+from pandastack import _http
+from pandastack.models import parse_time
+
+API_KEY = "test-key-123"
+
+
+class Recorded:
+    def __init__(self, method, path, headers, body):
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.raw = body
+        self.json = json.loads(body.decode("utf-8")) if body else None
+
+
+class FakeServer:
+    """An in-process stand-in for the PandaStack daemon.
+
+    Knobs for tests: ``canned`` maps (method, path) to (status, body bytes,
+    content type); ``exec_events`` is the list of events a streamed exec
+    sends (an entry ("wait", name) waits until the test sets
+    ``gates[name]``); ``exec_result`` is the blocking exec's answer;
+    ``delay`` sleeps before answering.
+    """
+
+    def __init__(self, api_key=API_KEY):
+        self.api_key = api_key
+        self.requests = []
+        self.sandboxes = {}
+        self.canned = {}
+        self.exec_events = None
+        self.exec_result = {"stdout": "ok\n", "stderr": "", "exit_code": 0, "timed_out": False,
+                            "truncated": False, "duration_ms": 1.5}
+        self.gates = {}
+        self.gate_waits = {}
+        self.delay = 0.0
+        self.counter = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                rec = Recorded(self.command, self.path, dict(self.headers.items()), body)
+                with server.lock:
+                    server.requests.append(rec)
+                if server.delay:
+                    time.sleep(server.delay)
+                server.route(self, rec)
+
+            do_GET = do_POST = do_DELETE = do_PUT = _handle
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # ----- answers -----
+
+    @staticmethod
+    def send(h, status, body=b"", ctype="application/json"):
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        h.send_response(status)
+        if status != 204:
+            h.send_header("Content-Type", ctype)
+            h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if status != 204:
+            h.wfile.write(body)
+
+    def error(self, h, status, code, message):
+        self.send(h, status, {"error": {"code": code, "message": message}})
+
+    def new_sandbox(self, template="base", ttl=300, metadata=None, cpu=1, memory_mb=1024):
+        with self.lock:
+            self.counter += 1
+            sid = "sb-%04d" % self.counter
+        self.sandboxes[sid] = {
+            "id": sid, "template": template, "state": "running",
+            "created_at": "2024-05-01T12:00:00.123456789Z",
+            "expires_at": _go_time(datetime.now(timezone.utc) + timedelta(seconds=ttl)),
+            "metadata": metadata or {}, "cpu": cpu, "memory_mb": memory_mb,
+        }
+        return self.sandboxes[sid]
+
+    def route(self, h, rec):
+        key = (rec.method, rec.path)
+        if key in self.canned:
+            status, body, ctype = self.canned[key]
+            return self.send(h, status, body, ctype)
+        parts = rec.path.split("?")[0].strip("/").split("/")
+        if rec.path == "/v1/health" and rec.method == "GET":
+            return self.send(h, 200, {"status": "ok", "version": "test", "runtime": "gvisor"})
+        if rec.headers.get("Authorization") != "Bearer " + self.api_key:
+            return self.error(h, 401, "unauthenticated", "missing or wrong API key")
+        if parts[:2] != ["v1", "sandboxes"]:
+            return self.error(h, 404, "not_found", "no route %s %s" % (rec.method, rec.path))
+        if len(parts) == 2:
+            if rec.method == "POST":
+                req = rec.json or {}
+                if req.get("template", "base") not in ("base", "code-interpreter"):
+                    return self.error(h, 404, "not_found", "template %r not found" % req["template"])
+                ttl = req.get("ttl_seconds", 300)
+                if not 1 <= ttl <= 86400:
+                    return self.error(h, 400, "invalid_argument", "bad ttl_seconds %d" % ttl)
+                sb = self.new_sandbox(req.get("template", "base"), ttl, req.get("metadata"),
+                                      req.get("cpu", 1), req.get("memory_mb", 1024))
+                return self.send(h, 201, sb)
+            if rec.method == "GET":
+                return self.send(h, 200, {"sandboxes": list(self.sandboxes.values())})
+        sid = parts[2]
+        sb = self.sandboxes.get(sid)
+        if sb is None:
+            return self.error(h, 404, "not_found", "sandbox %r not found" % sid)
+        if len(parts) == 3 and rec.method == "GET":
+            return self.send(h, 200, sb)
+        if len(parts) == 3 and rec.method == "DELETE":
+            del self.sandboxes[sid]
+            return self.send(h, 204)
+        if parts[3:] == ["timeout"] and rec.method == "POST":
+            sb["expires_at"] = _go_time(datetime.now(timezone.utc) + timedelta(seconds=rec.json["ttl_seconds"]))
+            return self.send(h, 200, sb)
+        if parts[3:] == ["exec"] and rec.method == "POST":
+            if "ndjson" in rec.headers.get("Accept", ""):
+                return self.stream(h)
+            return self.send(h, 200, self.exec_result)
+        return self.error(h, 404, "not_found", "no route")
+
+    def stream(self, h):
+        h.send_response(200)
+        h.send_header("Content-Type", "application/x-ndjson")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+
+        def chunk(data):
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            h.wfile.flush()
+
+        for ev in self.exec_events or []:
+            if isinstance(ev, tuple) and ev[0] == "wait":
+                self.gate_waits[ev[1]] = self.gates[ev[1]].wait(5)
+            elif isinstance(ev, bytes):
+                chunk(ev)
+            else:
+                chunk(json.dumps(ev).encode() + b"\n")
+        h.wfile.write(b"0\r\n\r\n")
+        h.wfile.flush()
+
+
+def _go_time(dt):
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch, tmp_path):
+    """No test sees the caller's PandaStack settings or the real key file."""
+    for name in ("PANDASTACK_URL", "PANDASTACK_API_KEY", "PANDASTACK_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PANDASTACK_DATA_DIR", str(tmp_path / "no-data-dir"))
+
+
+@pytest.fixture
+def server():
+    s = FakeServer().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def kw(server):
+    return {"url": server.url, "api_key": API_KEY}
+
+
+def last(server, method=None):
+    reqs = [r for r in server.requests if method is None or r.method == method]
+    return reqs[-1]
+
+
+# ----- create / connect / list -------------------------------------------------
+
+def test_create_sends_all_fields_and_auth(server, kw):
+    sb = Sandbox.create(template="code-interpreter", ttl_seconds=120, env={"A": "1", "B": 2},
+                        metadata={"owner": "me"}, cpu=0.5, memory_mb=256, **kw)
+    rec = last(server)
+    assert (rec.method, rec.path) == ("POST", "/v1/sandboxes")
+    assert rec.json == {"template": "code-interpreter", "ttl_seconds": 120, "env": {"A": "1", "B": "2"},
+                        "metadata": {"owner": "me"}, "cpu": 0.5, "memory_mb": 256}
+    assert rec.headers["Authorization"] == "Bearer " + API_KEY
+    assert rec.headers["Content-Type"] == "application/json"
+    assert rec.headers["Accept"] == "application/json"
+    assert rec.headers["User-Agent"].startswith("pandastack-python/")
+    assert sb.id == "sb-0001"
+    info = sb.info
+    assert isinstance(info, SandboxInfo)
+    assert (info.template, info.state, info.metadata, info.cpu, info.memory_mb) == (
+        "code-interpreter", "running", {"owner": "me"}, 0.5, 256)
+    assert info.created_at == datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    assert info.expires_at.tzinfo is not None
+    assert timedelta(seconds=100) < info.expires_at - datetime.now(timezone.utc) <= timedelta(seconds=121)
+
+
+def test_create_defaults_send_only_template(server, kw):
+    Sandbox.create(**kw)
+    assert last(server).json == {"template": "base"}
+
+
+def test_connect_list_refresh_set_timeout(server, kw):
+    a = Sandbox.create(metadata={"n": "a"}, **kw)
+    b = Sandbox.create(**kw)
+    c = Sandbox.connect(a.id, **kw)
+    assert (last(server).method, last(server).path) == ("GET", "/v1/sandboxes/" + a.id)
+    assert c.id == a.id and c.info.metadata == {"n": "a"}
+
+    infos = Sandbox.list(**kw)
+    assert (last(server).method, last(server).path) == ("GET", "/v1/sandboxes")
+    assert sorted(i.id for i in infos) == sorted([a.id, b.id])
+    assert all(isinstance(i, SandboxInfo) and isinstance(i.expires_at, datetime) for i in infos)
+
+    before = a.info.expires_at
+    info = a.set_timeout(3600)
+    rec = last(server)
+    assert (rec.method, rec.path, rec.json) == ("POST", "/v1/sandboxes/%s/timeout" % a.id, {"ttl_seconds": 3600})
+    assert info is a.info and info.expires_at > before + timedelta(seconds=3000)
+
+    server.sandboxes[a.id]["state"] = "stopped"
+    assert a.refresh().state == "stopped"
+    assert a.info.state == "stopped"
+    assert last(server).path == "/v1/sandboxes/" + a.id
+
+
+def test_list_accepts_null(server, kw):
+    server.canned[("GET", "/v1/sandboxes")] = (200, b'{"sandboxes": null}', "application/json")
+    assert Sandbox.list(**kw) == []
+
+
+def test_connect_escapes_id(server, kw):
+    with pytest.raises(NotFoundError):
+        Sandbox.connect("../x/y", **kw)
+    assert last(server).path == "/v1/sandboxes/..%2Fx%2Fy"
+
+
+# ----- exec -------------------------------------------------------------------
+
+def test_exec_string_is_cmd(server, kw):
+    sb = Sandbox.create(**kw)
+    res = sb.exec("echo hi | wc -c")
+    rec = last(server)
+    assert (rec.method, rec.path) == ("POST", "/v1/sandboxes/%s/exec" % sb.id)
+    assert rec.json == {"cmd": "echo hi | wc -c", "timeout_seconds": 60}
+    assert rec.headers["Accept"] == "application/json"
+    assert res == ExecResult(stdout="ok\n", stderr="", exit_code=0, timed_out=False,
+                             truncated=False, duration_ms=1.5)
+
+
+def test_exec_list_is_argv_with_options(server, kw):
+    sb = Sandbox.create(**kw)
+    sb.exec(["echo", "a b"], timeout_seconds=5, env={"X": "1"}, cwd="/tmp", stdin="in\n")
+    assert last(server).json == {"argv": ["echo", "a b"], "timeout_seconds": 5, "env": {"X": "1"},
+                                 "cwd": "/tmp", "stdin": "in\n"}
+    sb.exec(("true",), stdin=b"bytes", timeout_seconds=None)
+    assert last(server).json == {"argv": ["true"], "stdin": "bytes"}
+
+
+def test_exec_rejects_bad_cmd_types(server, kw):
+    sb = Sandbox.create(**kw)
+    n = len(server.requests)
+    with pytest.raises(TypeError):
+        sb.exec(b"echo")
+    with pytest.raises(TypeError):
+        sb.exec(["echo", 1])
+    assert len(server.requests) == n
+
+
+def test_exec_result_fields(server, kw):
+    sb = Sandbox.create(**kw)
+    server.exec_result = {"stdout": "", "stderr": "", "exit_code": 124, "timed_out": True,
+                          "truncated": True, "duration_ms": 1000.25}
+    res = sb.exec("sleep 30", timeout_seconds=1)
+    assert (res.exit_code, res.timed_out, res.truncated, res.duration_ms) == (124, True, True, 1000.25)
+
+
+def test_exec_read_timeout_exceeds_request_timeout(server):
+    sb = Sandbox.create(url=server.url, api_key=API_KEY, request_timeout=0.3)
+    server.delay = 1.0
+    # A plain call times out at request_timeout...
+    with pytest.raises(PandaStackConnectionError) as ei:
+        sb.refresh()
+    assert "timed out" in str(ei.value) and server.url in str(ei.value)
+    # ...but exec waits for the command's timeout plus a margin.
+    assert sb.exec("sleep 1", timeout_seconds=2).exit_code == 0
+
+
+def test_exec_stream_callbacks_incremental(server, kw):
+    sb = Sandbox.create(**kw)
+    got_first = threading.Event()
+    server.gates["first"] = got_first
+    server.exec_events = [
+        {"type": "stdout", "data": "one\n"},
+        ("wait", "first"),  # the server holds the rest until the client saw "one"
+        {"type": "stderr", "data": "warn\n"},
+        {"type": "stdout", "data": "two\n"},
+        {"type": "future-kind", "data": "ignored"},
+        {"type": "exit", "result": {"stdout": "", "stderr": "", "exit_code": 3, "timed_out": False,
+                                    "truncated": False, "duration_ms": 12.0}},
+    ]
+    out, err = [], []
+
+    def on_out(s):
+        out.append(s)
+        got_first.set()
+
+    res = sb.exec("x", on_stdout=on_out, on_stderr=err.append)
+    assert server.gate_waits["first"] is True, "first chunk was not delivered before the stream ended"
+    assert last(server).headers["Accept"] == "application/x-ndjson"
+    assert out == ["one\n", "two\n"] and err == ["warn\n"]
+    assert (res.stdout, res.stderr, res.exit_code, res.duration_ms) == ("one\ntwo\n", "warn\n", 3, 12.0)
+
+
+def test_exec_stream_only_stderr_callback(server, kw):
+    sb = Sandbox.create(**kw)
+    server.exec_events = [{"type": "stdout", "data": "a"}, {"type": "stderr", "data": "b"},
+                          {"type": "exit", "result": {"exit_code": 0}}]
+    err = []
+    res = sb.exec("x", on_stderr=err.append)
+    assert err == ["b"] and res.stdout == "a" and res.stderr == "b"
+
+
+def test_exec_stream_error_event(server, kw):
+    sb = Sandbox.create(**kw)
+    server.exec_events = [{"type": "stdout", "data": "a"},
+                          {"type": "error", "error": {"code": "unavailable", "message": "agent died"}}]
+    with pytest.raises(UnavailableError) as ei:
+        sb.exec("x", on_stdout=lambda s: None)
+    assert (ei.value.code, ei.value.message, ei.value.status) == ("unavailable", "agent died", 503)
+
+
+def test_exec_stream_cut_short(server, kw):
+    sb = Sandbox.create(**kw)
+    server.exec_events = [{"type": "stdout", "data": "a"}]
+    with pytest.raises(PandaStackConnectionError) as ei:
+        sb.exec("x", on_stdout=lambda s: None)
+    assert "exit event" in str(ei.value)
+
+
+def test_exec_stream_garbage_line(server, kw):
+    sb = Sandbox.create(**kw)
+    server.exec_events = [b"not json\n"]
+    with pytest.raises(ServerError):
+        sb.exec("x", on_stdout=lambda s: None)
+
+
+def test_exec_stream_http_error_is_mapped(server, kw):
+    sb = Sandbox.create(**kw)
+    sb.kill()
+    with pytest.raises(NotFoundError):
+        sb.exec("x", on_stdout=lambda s: None)
+
+
+# ----- errors -----------------------------------------------------------------
+
+@pytest.mark.parametrize("status,code,cls", [
+    (400, "invalid_argument", InvalidArgumentError),
+    (401, "unauthenticated", AuthenticationError),
+    (404, "not_found", NotFoundError),
+    (409, "conflict", ConflictError),
+    (413, "too_large", TooLargeError),
+    (429, "quota_exceeded", QuotaExceededError),
+    (503, "unavailable", UnavailableError),
+    (500, "internal", ServerError),
+    (502, "bad_gateway", ServerError),
+    (418, "teapot", ServerError),
+])
+def test_error_mapping(server, kw, status, code, cls):
+    server.canned[("GET", "/v1/sandboxes/sb-x")] = (
+        status, json.dumps({"error": {"code": code, "message": "msg " + code}}).encode(), "application/json")
+    with pytest.raises(cls) as ei:
+        Sandbox.connect("sb-x", **kw)
+    e = ei.value
+    assert isinstance(e, PandaStackError)
+    assert (e.status, e.code, e.message) == (status, code, "msg " + code)
+    assert code in str(e) and str(status) in str(e)
+
+
+def test_error_non_json_body(server, kw):
+    server.canned[("GET", "/v1/sandboxes/sb-x")] = (502, b"<html>Bad Gateway</html>", "text/html")
+    with pytest.raises(ServerError) as ei:
+        Sandbox.connect("sb-x", **kw)
+    assert ei.value.status == 502 and ei.value.code is None
+    assert "Bad Gateway" in ei.value.message and "text/html" in ei.value.message
+    server.canned[("GET", "/v1/sandboxes/sb-y")] = (404, b"", "text/plain")
+    with pytest.raises(NotFoundError) as ei:
+        Sandbox.connect("sb-y", **kw)
+    assert "empty body" in ei.value.message
+
+
+def test_success_non_json_body(server, kw):
+    server.canned[("GET", "/v1/sandboxes")] = (200, b"hello", "text/plain")
+    with pytest.raises(ServerError) as ei:
+        Sandbox.list(**kw)
+    assert "not JSON" in str(ei.value)
+
+
+def test_real_error_paths(server, kw):
+    with pytest.raises(NotFoundError):
+        Sandbox.create(template="nope", **kw)
+    with pytest.raises(InvalidArgumentError) as ei:
+        Sandbox.create(ttl_seconds=0, **kw)
+    assert ei.value.code == "invalid_argument"
+    with pytest.raises(AuthenticationError) as ei:
+        Sandbox.list(url=server.url, api_key="wrong")
+    assert ei.value.status == 401
+    assert last(server).headers["Authorization"] == "Bearer wrong"
+
+
+def test_connection_error_names_url():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    url = "http://127.0.0.1:%d" % port
+    with pytest.raises(PandaStackConnectionError) as ei:
+        Sandbox.create(url=url, api_key="k")
+    assert url in str(ei.value) and ei.value.url == url
+    assert isinstance(ei.value, ConnectionError) and isinstance(ei.value, PandaStackError)
+
+
+# ----- configuration -----------------------------------------------------------
+
+def test_env_url_and_key(server, monkeypatch):
+    monkeypatch.setenv("PANDASTACK_URL", server.url + "/")
+    monkeypatch.setenv("PANDASTACK_API_KEY", " " + API_KEY + "\n")
+    sb = Sandbox.create()
+    assert sb.url == server.url
+    assert last(server).headers["Authorization"] == "Bearer " + API_KEY
+
+
+def test_explicit_args_beat_env(server, monkeypatch):
+    monkeypatch.setenv("PANDASTACK_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("PANDASTACK_API_KEY", "env-key")
+    Sandbox.list(url=server.url, api_key=API_KEY)
+    assert last(server).headers["Authorization"] == "Bearer " + API_KEY
+
+
+def test_key_file(server, monkeypatch, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "api-key").write_text("\n  " + API_KEY + "  \n")
+    monkeypatch.setenv("PANDASTACK_DATA_DIR", str(data))
+    monkeypatch.setenv("PANDASTACK_URL", server.url)
+    Sandbox.list()
+    assert last(server).headers["Authorization"] == "Bearer " + API_KEY
+    # The environment variable beats the key file.
+    monkeypatch.setenv("PANDASTACK_API_KEY", "from-env")
+    with pytest.raises(AuthenticationError):
+        Sandbox.list()
+    assert last(server).headers["Authorization"] == "Bearer from-env"
+
+
+def test_no_key_sends_none_and_says_why(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("PANDASTACK_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(AuthenticationError) as ei:
+        Sandbox.list(url=server.url)
+    assert "Authorization" not in last(server).headers
+    assert str(tmp_path / "empty" / "api-key") in ei.value.message
+
+
+def test_defaults(monkeypatch):
+    monkeypatch.delenv("PANDASTACK_DATA_DIR")
+    assert _http.resolve_url() == "http://127.0.0.1:7423"
+    assert _http.key_file_path() == "/var/lib/pandastack/api-key"
+    assert _http.resolve_url("localhost:9000/") == "http://localhost:9000"
+
+
+# ----- kill / context manager ----------------------------------------------------
+
+def test_kill_and_second_kill(server, kw):
+    sb = Sandbox.create(**kw)
+    sb.kill()
+    rec = last(server)
+    assert (rec.method, rec.path) == ("DELETE", "/v1/sandboxes/" + sb.id)
+    assert sb.info.state == "stopped"
+    with pytest.raises(NotFoundError):
+        sb.kill()
+
+
+def test_context_manager_kills(server, kw):
+    with Sandbox.create(**kw) as sb:
+        assert sb.id in server.sandboxes
+    assert sb.id not in server.sandboxes
+    assert (last(server).method, last(server).path) == ("DELETE", "/v1/sandboxes/" + sb.id)
+
+
+def test_context_manager_after_manual_kill(server, kw):
+    with Sandbox.create(**kw) as sb:
+        sb.kill()
+    assert [r.method for r in server.requests].count("DELETE") == 2
+
+
+def test_context_manager_kills_on_exception(server, kw):
+    with pytest.raises(ZeroDivisionError):
+        with Sandbox.create(**kw) as sb:
+            1 / 0
+    assert sb.id not in server.sandboxes
+
+
+def test_context_manager_kill_failure_does_not_hide_body_error(server, kw):
+    with pytest.raises(ZeroDivisionError), pytest.warns(RuntimeWarning):
+        with Sandbox.create(**kw) as sb:
+            server.canned[("DELETE", "/v1/sandboxes/" + sb.id)] = (
+                500, b'{"error":{"code":"internal","message":"boom"}}', "application/json")
+            1 / 0
+    with pytest.raises(ServerError):
+        with Sandbox.create(**kw) as sb2:
+            server.canned[("DELETE", "/v1/sandboxes/" + sb2.id)] = (
+                500, b'{"error":{"code":"internal","message":"boom"}}', "application/json")
+
+
+# ----- the README program, and misc ---------------------------------------------
+
+SEED = """\
+from pandastack import Sandbox
+with Sandbox.create(template="code-interpreter", ttl_seconds=300) as sb:
+    result = sb.exec("python3 -c 'print(sum(range(100)))'", timeout_seconds=30)
+    print(result.stdout, result.exit_code)
+"""
+
+
+def test_seed_program_against_fake(server, monkeypatch):
+    monkeypatch.setenv("PANDASTACK_URL", server.url)
+    monkeypatch.setenv("PANDASTACK_API_KEY", API_KEY)
+    server.exec_result = dict(server.exec_result, stdout="4950\n")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(compile(SEED, "<seed>", "exec"), {})
+    assert buf.getvalue() == "4950\n 0\n"
+    posts = [r for r in server.requests if r.method == "POST"]
+    assert posts[0].json == {"template": "code-interpreter", "ttl_seconds": 300}
+    assert posts[1].json == {"cmd": "python3 -c 'print(sum(range(100)))'", "timeout_seconds": 30}
+    assert server.requests[-1].method == "DELETE" and not server.sandboxes
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2024-05-01T12:00:00Z", datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)),
+    ("2024-05-01T12:00:00.5Z", datetime(2024, 5, 1, 12, 0, 0, 500000, tzinfo=timezone.utc)),
+    ("2024-05-01T12:00:00.123456789Z", datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)),
+    ("2024-05-01T14:00:00+02:00", datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)),
+    ("2024-05-01T07:30:00.1-04:30", datetime(2024, 5, 1, 12, 0, 0, 100000, tzinfo=timezone.utc)),
+])
+def test_parse_time(text, expected):
+    got = parse_time(text)
+    assert got == expected and got.tzinfo is not None
+
+
+def test_parse_time_rejects_garbage():
+    assert parse_time(None) is None
+    with pytest.raises(ValueError):
+        parse_time("yesterday")
+
+
+def test_exports():
+    for name in pandastack.__all__:
+        assert hasattr(pandastack, name), name
+    assert issubclass(pandastack.PandaStackConnectionError, ConnectionError)
+    for cls in (InvalidArgumentError, AuthenticationError, NotFoundError, ConflictError, TooLargeError,
+                QuotaExceededError, UnavailableError, ServerError, PandaStackConnectionError):
+        assert issubclass(cls, PandaStackError)
