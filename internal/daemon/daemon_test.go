@@ -1,151 +1,23 @@
-package daemon
+package daemon_test
 
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
-	"fmt"
-	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/pandastack/pandastack/internal/sandbox"
-	"github.com/pandastack/pandastack/internal/testenv"
+	"github.com/pandastack/pandastack/internal/daemontest"
 	"github.com/pandastack/pandastack/wire"
 )
 
-// server is a real daemon on a loopback port with a fresh data directory.
-type server struct {
-	url, key string
-	dataDir  string
-}
-
-func startServer(t *testing.T, mut func(*Config)) *server {
-	t.Helper()
-	runsc := testenv.Runsc(t)
-	testenv.Template(t, "base")
-	dataDir := t.TempDir()
-	addrc := make(chan string, 1)
-	var logs bytes.Buffer
-	logw := &syncWriter{w: &logs}
-	cfg := Config{
-		DataDir: dataDir, Listen: "127.0.0.1:0", Runsc: runsc, AgentBinary: testenv.Agent(t),
-		TemplateDir: testenv.TemplateDir(), Version: "test",
-		Sandbox: sandbox.Config{ReapInterval: 200 * time.Millisecond},
-		Log:     slog.New(slog.NewTextHandler(logw, nil)),
-		Ready:   func(a string) { addrc <- a },
-	}
-	if mut != nil {
-		mut(&cfg)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- Run(ctx, cfg) }()
-	var addr string
-	select {
-	case addr = <-addrc:
-	case err := <-errc:
-		cancel()
-		t.Fatalf("server exited: %v", err)
-	case <-time.After(30 * time.Second):
-		cancel()
-		t.Fatal("server did not start")
-	}
-	t.Cleanup(func() {
-		cancel()
-		if err := <-errc; err != nil {
-			t.Errorf("server: %v", err)
-		}
-		if t.Failed() {
-			logw.mu.Lock()
-			t.Logf("server log:\n%s", logs.String())
-			logw.mu.Unlock()
-		}
-	})
-	key, err := os.ReadFile(KeyFile(dataDir))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &server{url: "http://" + addr, key: strings.TrimSpace(string(key)), dataDir: dataDir}
-}
-
-// syncWriter serialises writes from the server's goroutines.
-type syncWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (s *syncWriter) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.Write(p)
-}
-
-func (s *server) do(t *testing.T, method, path string, body any, hdr ...string) (*http.Response, []byte) {
-	t.Helper()
-	var rd io.Reader
-	switch b := body.(type) {
-	case nil:
-	case string:
-		rd = strings.NewReader(b)
-	default:
-		j, _ := json.Marshal(b)
-		rd = bytes.NewReader(j)
-	}
-	req, err := http.NewRequest(method, s.url+path, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+s.key)
-	for i := 0; i+1 < len(hdr); i += 2 {
-		req.Header.Set(hdr[i], hdr[i+1])
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp, b
-}
-
-func (s *server) create(t *testing.T, req wire.CreateSandboxRequest) wire.Sandbox {
-	t.Helper()
-	resp, b := s.do(t, "POST", "/v1/sandboxes", req)
-	if resp.StatusCode != http.StatusCreated {
-		t.Fatalf("create: status %d: %s", resp.StatusCode, b)
-	}
-	var sb wire.Sandbox
-	if err := json.Unmarshal(b, &sb); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.do(t, "DELETE", "/v1/sandboxes/"+sb.ID, nil) })
-	return sb
-}
-
-func (s *server) exec(t *testing.T, id string, req wire.ExecRequest) wire.ExecResult {
-	t.Helper()
-	resp, b := s.do(t, "POST", "/v1/sandboxes/"+id+"/exec", req)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("exec: status %d: %s", resp.StatusCode, b)
-	}
-	var res wire.ExecResult
-	if err := json.Unmarshal(b, &res); err != nil {
-		t.Fatal(err)
-	}
-	return res
-}
-
 func TestExec(t *testing.T) {
-	s := startServer(t, nil)
-	sb := s.create(t, wire.CreateSandboxRequest{Env: map[string]string{"FROM_CREATE": "c"}, Metadata: map[string]string{"owner": "test"}})
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{Env: map[string]string{"FROM_CREATE": "c"}, Metadata: map[string]string{"owner": "test"}})
 	if sb.State != wire.StateRunning || sb.Template != "base" || sb.Metadata["owner"] != "test" {
 		t.Fatalf("created %+v", sb)
 	}
@@ -170,7 +42,7 @@ func TestExec(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			start := time.Now()
-			res := s.exec(t, sb.ID, tt.req)
+			res := s.Exec(t, sb.ID, tt.req)
 			if res.Stdout != tt.wantOut || res.Stderr != tt.wantErr || res.ExitCode != tt.wantCode || res.TimedOut != tt.wantTimout {
 				t.Errorf("got stdout %q stderr %q exit %d timed_out %v, want %q %q %d %v",
 					res.Stdout, res.Stderr, res.ExitCode, res.TimedOut, tt.wantOut, tt.wantErr, tt.wantCode, tt.wantTimout)
@@ -181,19 +53,19 @@ func TestExec(t *testing.T) {
 		})
 	}
 	// The timed-out command's background child was killed with its group.
-	if res := s.exec(t, sb.ID, wire.ExecRequest{Cmd: "ps -eo args | grep -c '^sleep 30' || true"}); res.Stdout != "0\n" {
+	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "ps -eo args | grep -c '^sleep 30' || true"}); res.Stdout != "0\n" {
 		t.Errorf("sleep processes left after timeout: %q", res.Stdout)
 	}
 }
 
 func TestExecStreaming(t *testing.T) {
-	s := startServer(t, nil)
-	sb := s.create(t, wire.CreateSandboxRequest{})
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{})
 	for _, accept := range []string{"application/x-ndjson", "text/event-stream"} {
 		t.Run(accept, func(t *testing.T) {
 			body, _ := json.Marshal(wire.ExecRequest{Cmd: "echo one; sleep 1; echo two >&2; exit 5"})
-			req, _ := http.NewRequest("POST", s.url+"/v1/sandboxes/"+sb.ID+"/exec", bytes.NewReader(body))
-			req.Header.Set("Authorization", "Bearer "+s.key)
+			req, _ := http.NewRequest("POST", s.URL+"/v1/sandboxes/"+sb.ID+"/exec", bytes.NewReader(body))
+			req.Header.Set("Authorization", "Bearer "+s.Key)
 			req.Header.Set("Accept", accept)
 			start := time.Now()
 			resp, err := http.DefaultClient.Do(req)
@@ -241,24 +113,24 @@ func TestExecStreaming(t *testing.T) {
 }
 
 func TestLifecycle(t *testing.T) {
-	s := startServer(t, nil)
-	sb := s.create(t, wire.CreateSandboxRequest{TTLSeconds: 60})
-	resp, b := s.do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 60})
+	resp, b := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
 	if resp.StatusCode != 200 {
 		t.Fatalf("get: %d %s", resp.StatusCode, b)
 	}
-	resp, b = s.do(t, "GET", "/v1/sandboxes", nil)
+	resp, b = s.Do(t, "GET", "/v1/sandboxes", nil)
 	var list wire.SandboxList
 	if err := json.Unmarshal(b, &list); err != nil || len(list.Sandboxes) != 1 || list.Sandboxes[0].ID != sb.ID {
 		t.Fatalf("list: %d %s", resp.StatusCode, b)
 	}
-	resp, b = s.do(t, "POST", "/v1/sandboxes/"+sb.ID+"/timeout", wire.SetTimeoutRequest{TTLSeconds: 600})
+	resp, b = s.Do(t, "POST", "/v1/sandboxes/"+sb.ID+"/timeout", wire.SetTimeoutRequest{TTLSeconds: 600})
 	var ext wire.Sandbox
 	_ = json.Unmarshal(b, &ext)
 	if resp.StatusCode != 200 || time.Until(ext.ExpiresAt) < 590*time.Second {
 		t.Fatalf("extend: %d %s", resp.StatusCode, b)
 	}
-	if resp, b := s.do(t, "DELETE", "/v1/sandboxes/"+sb.ID, nil); resp.StatusCode != http.StatusNoContent {
+	if resp, b := s.Do(t, "DELETE", "/v1/sandboxes/"+sb.ID, nil); resp.StatusCode != http.StatusNoContent {
 		t.Fatalf("kill: %d %s", resp.StatusCode, b)
 	}
 	for _, c := range []struct{ method, path string }{
@@ -270,22 +142,22 @@ func TestLifecycle(t *testing.T) {
 		if c.method == "POST" {
 			body = wire.ExecRequest{Cmd: "true"}
 		}
-		if resp, b := s.do(t, c.method, c.path, body); resp.StatusCode != 404 {
+		if resp, b := s.Do(t, c.method, c.path, body); resp.StatusCode != 404 {
 			t.Errorf("%s %s after kill: %d %s, want 404", c.method, c.path, resp.StatusCode, b)
 		}
 	}
 	// Nothing of the sandbox is left on the host.
-	if _, err := os.Stat(filepath.Join(s.dataDir, "runtime", "sandboxes", sb.ID)); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(s.DataDir, "runtime", "sandboxes", sb.ID)); !os.IsNotExist(err) {
 		t.Errorf("sandbox directory left after kill: %v", err)
 	}
 }
 
 func TestTTLExpiry(t *testing.T) {
-	s := startServer(t, nil)
-	sb := s.create(t, wire.CreateSandboxRequest{TTLSeconds: 1})
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 1})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		resp, _ := s.do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
+		resp, _ := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
 		if resp.StatusCode == 404 {
 			break
 		}
@@ -294,14 +166,14 @@ func TestTTLExpiry(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if _, err := os.Stat(filepath.Join(s.dataDir, "runtime", "sandboxes", sb.ID)); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(s.DataDir, "runtime", "sandboxes", sb.ID)); !os.IsNotExist(err) {
 		t.Errorf("sandbox directory left after expiry: %v", err)
 	}
 }
 
 func TestBadInput(t *testing.T) {
-	s := startServer(t, nil)
-	sb := s.create(t, wire.CreateSandboxRequest{})
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{})
 	big := `{"cmd": "` + strings.Repeat("x", 2<<20) + `"}`
 	tests := []struct {
 		name, method, path string
@@ -334,12 +206,12 @@ func TestBadInput(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var hdr []string
-			key := s.key
+			key := s.Key
 			if tt.noAuth {
-				s.key = ""
+				s.Key = ""
 			}
-			resp, b := s.do(t, tt.method, tt.path, tt.body, hdr...)
-			s.key = key
+			resp, b := s.Do(t, tt.method, tt.path, tt.body, hdr...)
+			s.Key = key
 			var e wire.ErrorResponse
 			if err := json.Unmarshal(b, &e); err != nil {
 				t.Fatalf("body %q is not a JSON error: %v", b, err)
@@ -350,39 +222,30 @@ func TestBadInput(t *testing.T) {
 		})
 	}
 	// The server and the sandbox are still fine.
-	if res := s.exec(t, sb.ID, wire.ExecRequest{Cmd: "echo ok"}); res.Stdout != "ok\n" {
+	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo ok"}); res.Stdout != "ok\n" {
 		t.Errorf("after bad input: %+v", res)
 	}
 }
 
 func TestTenantsAreIsolated(t *testing.T) {
-	s := startServer(t, nil)
-	sb := s.create(t, wire.CreateSandboxRequest{})
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{})
 	// A second tenant's key, added straight to the store.
-	other := startServerKey(t, s, "tenant-b")
+	other := s.WithTenant(t, "tenant-b")
 	for _, c := range []struct{ method, path string }{
 		{"GET", "/v1/sandboxes/" + sb.ID},
 		{"DELETE", "/v1/sandboxes/" + sb.ID},
 	} {
-		resp, b := other.do(t, c.method, c.path, nil)
+		resp, b := other.Do(t, c.method, c.path, nil)
 		if resp.StatusCode != 404 {
 			t.Errorf("other tenant %s %s: %d %s, want 404", c.method, c.path, resp.StatusCode, b)
 		}
 	}
-	resp, b := other.do(t, "GET", "/v1/sandboxes", nil)
+	resp, b := other.Do(t, "GET", "/v1/sandboxes", nil)
 	if resp.StatusCode != 200 || !strings.Contains(string(b), `"sandboxes":[]`) {
 		t.Errorf("other tenant list: %d %s", resp.StatusCode, b)
 	}
-	if res := s.exec(t, sb.ID, wire.ExecRequest{Cmd: "true"}); res.ExitCode != 0 {
+	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "true"}); res.ExitCode != 0 {
 		t.Errorf("owner exec after other tenant's kill attempt: %+v", res)
 	}
-}
-
-func startServerKey(t *testing.T, s *server, tenant string) *server {
-	t.Helper()
-	key := fmt.Sprintf("ps_test_%s_%d", tenant, time.Now().UnixNano())
-	if err := addKey(s.dataDir, key, tenant); err != nil {
-		t.Fatal(err)
-	}
-	return &server{url: s.url, key: key, dataDir: s.dataDir}
 }

@@ -1,4 +1,4 @@
-package daemon
+package daemon_test
 
 import (
 	"bufio"
@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/pandastack/pandastack/internal/api"
+	"github.com/pandastack/pandastack/internal/daemontest"
 	"github.com/pandastack/pandastack/wire"
 )
 
@@ -187,8 +188,8 @@ func TestOpenAPIRoutes(t *testing.T) {
 // spec's schema for their status and media type.
 func TestOpenAPIResponses(t *testing.T) {
 	doc := loadSpec(t)
-	s := startServer(t, nil)
-	sb := s.create(t, wire.CreateSandboxRequest{Metadata: map[string]string{"a": "b"}})
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{Metadata: map[string]string{"a": "b"}})
 	cases := []struct {
 		method, path, specPath string
 		body                   any
@@ -214,7 +215,7 @@ func TestOpenAPIResponses(t *testing.T) {
 			if c.accept != "" {
 				hdr = []string{"Accept", c.accept}
 			}
-			resp, body := s.do(t, c.method, c.path, c.body, hdr...)
+			resp, body := s.Do(t, c.method, c.path, c.body, hdr...)
 			op := doc.operation(t, c.method, c.specPath)
 			r, ok := op.Responses[strconv.Itoa(resp.StatusCode)]
 			if !ok {
