@@ -32,7 +32,7 @@ func newRunCmd() *cobra.Command {
 			"on Ctrl-C) and exit with the command's exit code. One CMD argument is a shell\n" +
 			"command line (run by /bin/sh -c); several are the program and its arguments.",
 		Example: "  pandastack run -- 'uname -a; id'\n" +
-			"  pandastack run --template python --timeout 30 python3 -c 'print(6*7)'",
+			"  pandastack run --template code-interpreter --timeout 30 python3 -c 'print(6*7)'",
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts, err := execOptions(timeout, env, "")
