@@ -20,7 +20,7 @@ type Client struct {
 
 // NewClient starts a session over conn (the agent's stdio, seen from the host).
 func NewClient(conn io.ReadWriteCloser) (*Client, error) {
-	sess, err := yamux.Client(conn, yamuxConfig())
+	sess, err := yamux.Client(newHeaderJoiner(conn), yamuxConfig())
 	if err != nil {
 		return nil, fmt.Errorf("starting yamux session: %w", err)
 	}

@@ -33,7 +33,9 @@ const (
 	FrameStdinEOF byte = 'C'
 	// FrameSignal (daemon→agent) carries a JSON Signal for the process group.
 	FrameSignal byte = 'K'
-	// FrameStarted (agent→daemon) carries a JSON Started once the process runs.
+	// FrameStarted (agent→daemon) carries a JSON Started once the process
+	// runs. Agents of protocol version 1 do not send it (it costs a write
+	// per exec); clients skip it.
 	FrameStarted byte = 'S'
 	// FrameStdout and FrameStderr (agent→daemon) carry output bytes.
 	FrameStdout byte = 'O'

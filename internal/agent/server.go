@@ -84,7 +84,7 @@ func (s *Server) reap() {
 // Serve runs one yamux session over conn until it ends.
 func (s *Server) Serve(ctx context.Context, conn io.ReadWriteCloser) error {
 	cfg := yamuxConfig()
-	sess, err := yamux.Server(conn, cfg)
+	sess, err := yamux.Server(newHeaderJoiner(conn), cfg)
 	if err != nil {
 		return fmt.Errorf("starting yamux session: %w", err)
 	}
@@ -257,7 +257,6 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 	// The reaper may have missed the SIGCHLD of a process that exited before
 	// registration; reaping again catches it.
 	s.reap()
-	_ = fw.json(FrameStarted, Started{PID: pid})
 
 	var killedByUs sync.Once
 	killGroup := func() {
