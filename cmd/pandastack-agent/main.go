@@ -12,13 +12,6 @@ import (
 	"github.com/pandastack/pandastack/internal/agent"
 )
 
-// stdio joins the agent's stdin and stdout into one connection.
-type stdio struct{}
-
-func (stdio) Read(p []byte) (int, error)  { return os.Stdin.Read(p) }
-func (stdio) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
-func (stdio) Close() error                { return nil }
-
 func main() {
 	// Serving a yamux session on a terminal or /dev/null makes no sense: the
 	// agent runs only as a sandbox's init, or when asked explicitly.
@@ -30,13 +23,12 @@ func main() {
 	ctx := context.Background()
 	srv := agent.NewServer(ctx, log)
 	for {
-		// A session ends when the daemon goes away; the next one starts on
-		// the same stdio when a daemon connects again.
-		if err := srv.Serve(ctx, stdio{}); err != nil {
-			log.Error("agent session ended", "err", err)
+		// Every daemon connection starts a new session (see ServeStdio).
+		// The runtime keeps both FIFO ends open, so reads do not end while
+		// no daemon is connected; an error here is unexpected.
+		if err := srv.ServeStdio(ctx, os.Stdin, os.Stdout); err != nil {
+			log.Error("serving stdio", "err", err)
 		}
-		// The runtime keeps both FIFO ends open, so a session ends only
-		// when a daemon goes away; wait a little before listening again.
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -432,7 +432,7 @@ func (m *Manager) connect(ctx context.Context, id string) (*agent.Client, error)
 	if err != nil {
 		return nil, err
 	}
-	client, err := agent.NewClient(conn)
+	client, err := agent.Dial(ctx, conn)
 	if err != nil {
 		conn.Close()
 		return nil, err

@@ -35,7 +35,7 @@ func startBench(b *testing.B) *agent.Client {
 	if err != nil {
 		b.Fatal(err)
 	}
-	c, err := agent.NewClient(conn)
+	c, err := agent.Dial(ctx, conn)
 	if err != nil {
 		b.Fatal(err)
 	}

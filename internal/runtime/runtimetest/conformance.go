@@ -47,9 +47,9 @@ func start(t *testing.T, h Harness, spec runtime.Spec) *agent.Client {
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	c, err := agent.NewClient(conn)
+	c, err := agent.Dial(ctx, conn)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("Dial: %v", err)
 	}
 	t.Cleanup(func() { c.Close() })
 	if _, err := c.Ping(ctx); err != nil {
@@ -145,21 +145,50 @@ func Run(t *testing.T, h Harness) {
 		if !found {
 			t.Fatalf("List: %v lacks %s", ids, spec.ID)
 		}
-		// A second connection, as after a daemon restart, reaches the
-		// same agent once the first is gone.
+		// A second connection, as after a daemon crash, reaches the same
+		// agent: the first goes away with an exec in flight and frames
+		// half-sent, and the new session starts clean all the same.
 		run(t, c, "/bin/sh", "-c", "echo 41 > /tmp/state")
+		inflight := make(chan error, 1)
+		go func() {
+			_, err := c.Exec(context.Background(), agent.ExecRequest{Argv: []string{"sleep", "30"}}, agent.ExecIO{})
+			inflight <- err
+		}()
+		time.Sleep(200 * time.Millisecond)
 		c.Close()
+		if err := <-inflight; err == nil {
+			t.Error("exec of the closed session succeeded")
+		}
+		for i := range 2 {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			conn, err := h.Runtime.Connect(ctx, spec.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Garbage left in the stream by the "crashed" daemon.
+			_, _ = conn.Write([]byte{0, 0, 0, 42, 0xfe, 'P', 'A'})
+			c2, err := agent.Dial(ctx, conn)
+			cancel()
+			if err != nil {
+				t.Fatalf("reconnect %d: %v", i, err)
+			}
+			if got, _ := run(t, c2, "cat", "/tmp/state"); got != "41\n" {
+				t.Errorf("after reconnect %d: got %q, want %q", i, got, "41\n")
+			}
+			c2.Close()
+		}
 		conn, err := h.Runtime.Connect(context.Background(), spec.ID)
 		if err != nil {
 			t.Fatal(err)
 		}
-		c2, err := agent.NewClient(conn)
+		c3, err := agent.Dial(context.Background(), conn)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c2.Close()
-		if got, _ := run(t, c2, "cat", "/tmp/state"); got != "41\n" {
-			t.Errorf("after reconnect: got %q, want %q", got, "41\n")
+		defer c3.Close()
+		// The exec of the abandoned session was killed with it.
+		if got, _ := run(t, c3, "/bin/sh", "-c", "ps -eo args | grep -c '^sleep 30' || true"); got != "0\n" {
+			t.Errorf("exec of the abandoned session still runs: %q", got)
 		}
 	})
 
