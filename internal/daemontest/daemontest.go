@@ -138,7 +138,14 @@ func (s *Server) Create(t testing.TB, req wire.CreateSandboxRequest) wire.Sandbo
 	if err := json.Unmarshal(b, &sb); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { s.Do(t, "DELETE", "/v1/sandboxes/"+sb.ID, nil) })
+	t.Cleanup(func() {
+		// Best effort: the test may have stopped this server already.
+		req, _ := http.NewRequest("DELETE", s.URL+"/v1/sandboxes/"+sb.ID, nil)
+		req.Header.Set("Authorization", "Bearer "+s.Key)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	})
 	return sb
 }
 

@@ -47,6 +47,9 @@ type Config struct {
 	ReapInterval time.Duration
 	// StartTimeout bounds a create, from runtime start to agent answer.
 	StartTimeout time.Duration
+	// KeepOnShutdown leaves sandboxes running when the daemon stops, for
+	// the next daemon to re-adopt; by default they are destroyed.
+	KeepOnShutdown bool
 }
 
 // DefaultConfig returns the built-in defaults.
@@ -174,28 +177,56 @@ func NewManager(o Options) *Manager {
 // Config returns the effective configuration.
 func (m *Manager) Config() Config { return m.cfg }
 
-// Start cleans up what an earlier daemon left and starts the TTL reaper.
+// Start reconciles the store with what the runtime still runs, then starts
+// the TTL reaper.
 //
-// Sandboxes of an earlier daemon are destroyed, not re-adopted, and their
-// records marked stopped: nothing is leaked, and the store matches reality.
+// Sandboxes an earlier daemon left running are re-adopted when their record
+// says running and their agent answers: they keep their id, TTL and state.
+// Everything else is cleaned up: half-created sandboxes, runtime leftovers
+// without a record, and records whose sandbox is gone (marked failed).
 func (m *Manager) Start(ctx context.Context) error {
 	ids, err := m.rt.List(ctx)
 	if err != nil {
 		return fmt.Errorf("listing leftover sandboxes: %w", err)
 	}
+	inRuntime := make(map[string]bool, len(ids))
 	for _, id := range ids {
-		m.log.Info("removing sandbox left by an earlier run", "id", id)
-		if err := m.rt.Delete(ctx, id); err != nil {
-			m.log.Error("removing leftover sandbox", "id", id, "err", err)
-		}
+		inRuntime[id] = true
 	}
 	recs, err := m.store.ListSandboxes(ctx, "", wire.StateCreating, wire.StateRunning)
 	if err != nil {
 		return err
 	}
+	adopted := make(map[string]bool)
 	for _, r := range recs {
-		if err := m.store.SetSandboxState(ctx, r.ID, wire.StateStopped, true); err != nil {
+		if r.State == wire.StateRunning && inRuntime[r.ID] {
+			err := m.adopt(ctx, r)
+			if err == nil {
+				adopted[r.ID] = true
+				continue
+			}
+			m.log.Warn("cannot re-adopt sandbox", "id", r.ID, "err", err)
+		}
+		m.log.Info("sandbox did not survive the restart", "id", r.ID, "state", r.State)
+		if inRuntime[r.ID] {
+			if err := m.rt.Delete(ctx, r.ID); err != nil {
+				m.log.Error("removing sandbox", "id", r.ID, "err", err)
+			}
+		}
+		if err := m.store.SetSandboxState(ctx, r.ID, wire.StateFailed, true); err != nil {
 			return err
+		}
+	}
+	known := make(map[string]bool, len(recs))
+	for _, r := range recs {
+		known[r.ID] = true
+	}
+	for _, id := range ids {
+		if !known[id] {
+			m.log.Info("removing sandbox left by an earlier run", "id", id)
+			if err := m.rt.Delete(ctx, id); err != nil {
+				m.log.Error("removing leftover sandbox", "id", id, "err", err)
+			}
 		}
 	}
 	rctx, cancel := context.WithCancel(context.Background())
@@ -205,13 +236,32 @@ func (m *Manager) Start(ctx context.Context) error {
 	return nil
 }
 
-// Close stops the reaper and destroys every live sandbox.
+// adopt takes over a sandbox an earlier daemon started.
+func (m *Manager) adopt(ctx context.Context, r store.Sandbox) error {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	client, err := m.connect(cctx, r.ID)
+	if err != nil {
+		return err
+	}
+	in := &instance{id: r.ID, tenant: r.Tenant, rec: r, client: client, endedCh: make(chan struct{})}
+	m.mu.Lock()
+	m.live[r.ID] = in
+	m.mu.Unlock()
+	go m.watch(in, client)
+	m.log.Info("re-adopted sandbox", "id", r.ID, "tenant", r.Tenant, "expires", r.ExpiresAt)
+	return nil
+}
+
+// Close stops the reaper, then destroys every live sandbox, or, when
+// Config.KeepOnShutdown is set, leaves them running for the next daemon to
+// re-adopt.
 func (m *Manager) Close(ctx context.Context) error {
 	m.mu.Lock()
 	m.closed = true
-	ids := make([]*instance, 0, len(m.live))
+	ins := make([]*instance, 0, len(m.live))
 	for _, in := range m.live {
-		ids = append(ids, in)
+		ins = append(ins, in)
 	}
 	m.mu.Unlock()
 	if m.stop != nil {
@@ -219,7 +269,17 @@ func (m *Manager) Close(ctx context.Context) error {
 	}
 	m.reaperWG.Wait()
 	var errs []error
-	for _, in := range ids {
+	for _, in := range ins {
+		if m.cfg.KeepOnShutdown {
+			in.mu.Lock()
+			client := in.client
+			in.ending = true
+			in.mu.Unlock()
+			if client != nil {
+				client.Close()
+			}
+			continue
+		}
 		if err := m.end(ctx, in, wire.StateStopped); err != nil {
 			errs = append(errs, err)
 		}

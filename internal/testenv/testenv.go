@@ -50,35 +50,48 @@ func Runsc(t testing.TB) string {
 	return p
 }
 
-var agentOnce struct {
-	sync.Once
+// built is a binary built once per test process.
+type built struct {
+	once sync.Once
 	path string
 	err  error
 }
 
-// Agent builds the agent binary once per test process and returns its path.
-func Agent(t testing.TB) string {
+var agentBin, daemonBin built
+
+func (b *built) build(t testing.TB, pkg, name string) string {
 	t.Helper()
-	agentOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "pandastack-agent-")
+	b.once.Do(func() {
+		dir, err := os.MkdirTemp("", "pandastack-bin-")
 		if err != nil {
-			agentOnce.err = err
+			b.err = err
 			return
 		}
-		out := filepath.Join(dir, "pandastack-agent")
-		cmd := exec.Command("go", "build", "-o", out, "github.com/pandastack/pandastack/cmd/pandastack-agent")
+		out := filepath.Join(dir, name)
+		cmd := exec.Command("go", "build", "-o", out, pkg)
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		cmd.Dir = moduleRoot()
-		if b, err := cmd.CombinedOutput(); err != nil {
-			agentOnce.err = &buildError{err: err, out: string(b)}
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.err = &buildError{err: err, out: string(out)}
 			return
 		}
-		agentOnce.path = out
+		b.path = out
 	})
-	if agentOnce.err != nil {
-		t.Fatalf("building agent: %v", agentOnce.err)
+	if b.err != nil {
+		t.Fatalf("building %s: %v", name, b.err)
 	}
-	return agentOnce.path
+	return b.path
+}
+
+// Agent builds the agent binary once per test process and returns its path.
+func Agent(t testing.TB) string {
+	return agentBin.build(t, "github.com/pandastack/pandastack/cmd/pandastack-agent", "pandastack-agent")
+}
+
+// Daemon builds the pandastack binary once per test process and returns
+// its path.
+func Daemon(t testing.TB) string {
+	return daemonBin.build(t, "github.com/pandastack/pandastack/cmd/pandastack", "pandastack")
 }
 
 type buildError struct {
