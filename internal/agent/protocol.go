@@ -76,6 +76,9 @@ type ExecRequest struct {
 	// Stdin reports whether stdin frames follow; without it the process gets
 	// an empty stdin.
 	Stdin bool `json:"stdin,omitempty"`
+	// MaxOutputBytes caps what is sent of each of stdout and stderr; the
+	// rest is read and dropped, and Exit.Truncated is set. 0: no cap.
+	MaxOutputBytes int64 `json:"max_output_bytes,omitempty"`
 }
 
 // Signal asks the agent to signal the process group.
@@ -92,10 +95,12 @@ type Started struct {
 type Exit struct {
 	// ExitCode is the process's exit status, or 128+signal when a signal
 	// ended it, or -1 when it could not start.
-	ExitCode int    `json:"exit_code"`
-	Signal   int    `json:"signal,omitempty"`
-	TimedOut bool   `json:"timed_out,omitempty"`
-	Error    string `json:"error,omitempty"`
+	ExitCode int  `json:"exit_code"`
+	Signal   int  `json:"signal,omitempty"`
+	TimedOut bool `json:"timed_out,omitempty"`
+	// Truncated reports whether output went over ExecRequest.MaxOutputBytes.
+	Truncated bool   `json:"truncated,omitempty"`
+	Error     string `json:"error,omitempty"`
 }
 
 // Pong is the reply to a ping.

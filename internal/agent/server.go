@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -298,13 +299,23 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 	}()
 
 	var wg sync.WaitGroup
+	var truncated atomic.Bool
 	pump := func(r *os.File, typ byte) {
 		defer wg.Done()
 		buf := make([]byte, 32<<10)
+		var sent int64
 		for {
 			n, err := r.Read(buf)
-			if n > 0 {
-				if werr := fw.frame(typ, buf[:n]); werr != nil {
+			chunk := buf[:n]
+			if limit := req.MaxOutputBytes; limit > 0 && sent+int64(len(chunk)) > limit {
+				// Past the cap, output is read and dropped: the process
+				// does not block, and nothing more crosses the transport.
+				chunk = chunk[:max(0, limit-sent)]
+				truncated.Store(true)
+			}
+			if len(chunk) > 0 {
+				sent += int64(len(chunk))
+				if werr := fw.frame(typ, chunk); werr != nil {
 					killGroup()
 					return
 				}
@@ -361,7 +372,7 @@ wait:
 	outR.Close()
 	errR.Close()
 
-	exit := Exit{TimedOut: timedOut}
+	exit := Exit{TimedOut: timedOut, Truncated: truncated.Load()}
 	switch {
 	case ws.Exited():
 		exit.ExitCode = ws.ExitStatus()

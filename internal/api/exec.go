@@ -112,7 +112,7 @@ func (s *Server) execBlocking(w http.ResponseWriter, r *http.Request, tenant, id
 	}
 	res.Stdout = stdout.sb.String() + stdout.carry.flush()
 	res.Stderr = stderr.sb.String() + stderr.carry.flush()
-	res.Truncated = stdout.truncated || stderr.truncated
+	res.Truncated = res.Truncated || stdout.truncated || stderr.truncated
 	writeJSON(w, http.StatusOK, res)
 	return nil
 }

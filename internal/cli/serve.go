@@ -60,7 +60,7 @@ in-flight requests get 10 s, then every sandbox is destroyed.`,
 	f.IntVar(&cfg.Sandbox.Pids, "pids", cfg.Sandbox.Pids, "most processes per sandbox")
 	f.DurationVar(&cfg.Sandbox.ReapInterval, "reap-interval", time.Second, "how often expired sandboxes are destroyed")
 	f.BoolVar(&cfg.Sandbox.KeepOnShutdown, "keep-sandboxes", false, "on SIGTERM leave sandboxes running for the next server to re-adopt (default: destroy them)")
-	f.IntVar(&cfg.MaxOutputBytes, "max-output-bytes", 10<<20, "cap on each of stdout and stderr of a blocking exec")
+	f.IntVar(&cfg.MaxOutputBytes, "max-output-bytes", 10<<20, "cap on each of stdout and stderr of one exec (the rest is dropped, the result says truncated)")
 	f.BoolVar(&debug, "debug", false, "log every request")
 	return cmd
 }

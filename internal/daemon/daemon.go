@@ -131,6 +131,9 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	tuneHost(log)
+	if cfg.MaxOutputBytes > 0 {
+		cfg.Sandbox.MaxOutputBytes = cfg.MaxOutputBytes
+	}
 	rt, err := gvisor.New(gvisor.Config{Runsc: runsc, StateDir: filepath.Join(cfg.DataDir, "runtime"), Log: log})
 	if err != nil {
 		return err

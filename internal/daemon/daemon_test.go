@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pandastack/pandastack/internal/daemon"
 	"github.com/pandastack/pandastack/internal/daemontest"
 	"github.com/pandastack/pandastack/wire"
 )
@@ -247,5 +248,34 @@ func TestTenantsAreIsolated(t *testing.T) {
 	}
 	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "true"}); res.ExitCode != 0 {
 		t.Errorf("owner exec after other tenant's kill attempt: %+v", res)
+	}
+}
+
+func TestOutputCap(t *testing.T) {
+	s := daemontest.Start(t, func(c *daemon.Config) { c.MaxOutputBytes = 1000 })
+	sb := s.Create(t, wire.CreateSandboxRequest{})
+	flood := wire.ExecRequest{Cmd: "head -c 5000000 /dev/zero | tr '\\0' x; echo done >&2"}
+	res := s.Exec(t, sb.ID, flood)
+	if len(res.Stdout) != 1000 || !res.Truncated || res.Stderr != "done\n" || res.ExitCode != 0 {
+		t.Errorf("blocking: got %d bytes, truncated %v, stderr %q, exit %d; want 1000, true, %q, 0",
+			len(res.Stdout), res.Truncated, res.Stderr, res.ExitCode, "done\n")
+	}
+	resp, body := s.Do(t, "POST", "/v1/sandboxes/"+sb.ID+"/exec", flood, "Accept", "application/x-ndjson")
+	if resp.StatusCode != 200 {
+		t.Fatalf("stream: %d %s", resp.StatusCode, body)
+	}
+	var n int
+	var last wire.ExecEvent
+	sc := bufio.NewScanner(bytes.NewReader(body))
+	for sc.Scan() {
+		if err := json.Unmarshal(sc.Bytes(), &last); err != nil {
+			t.Fatal(err)
+		}
+		if last.Type == wire.EventStdout {
+			n += len(last.Data)
+		}
+	}
+	if n != 1000 || last.Type != wire.EventExit || !last.Result.Truncated {
+		t.Errorf("stream: got %d bytes, last %+v; want 1000 and a truncated exit", n, last)
 	}
 }

@@ -47,6 +47,9 @@ type Config struct {
 	ReapInterval time.Duration
 	// StartTimeout bounds a create, from runtime start to agent answer.
 	StartTimeout time.Duration
+	// MaxOutputBytes caps each of stdout and stderr of one exec; the rest
+	// is dropped inside the sandbox and the result says truncated.
+	MaxOutputBytes int
 	// KeepOnShutdown leaves sandboxes running when the daemon stops, for
 	// the next daemon to re-adopt; by default they are destroyed.
 	KeepOnShutdown bool
@@ -60,6 +63,7 @@ func DefaultConfig() Config {
 		DefaultMemoryMB: 1024, MaxMemoryMB: 8192,
 		DiskMB: 2048, TmpMB: 512, Pids: 512,
 		MaxSandboxes:       1000,
+		MaxOutputBytes:     10 << 20,
 		DefaultExecTimeout: 60 * time.Second, MaxExecTimeout: time.Hour,
 		ReapInterval: time.Second,
 		StartTimeout: 30 * time.Second,
@@ -82,6 +86,7 @@ func (c Config) withDefaults() Config {
 	for _, p := range []struct{ v, dv *int }{
 		{&c.DefaultMemoryMB, &d.DefaultMemoryMB}, {&c.MaxMemoryMB, &d.MaxMemoryMB},
 		{&c.DiskMB, &d.DiskMB}, {&c.TmpMB, &d.TmpMB}, {&c.Pids, &d.Pids}, {&c.MaxSandboxes, &d.MaxSandboxes},
+		{&c.MaxOutputBytes, &d.MaxOutputBytes},
 	} {
 		if *p.v == 0 {
 			*p.v = *p.dv
@@ -718,6 +723,7 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 	return wire.ExecResult{
 		ExitCode:   ex.ExitCode,
 		TimedOut:   ex.TimedOut,
+		Truncated:  ex.Truncated,
 		DurationMS: float64(dur.Microseconds()) / 1000,
 	}, nil
 }
@@ -757,7 +763,8 @@ func (m *Manager) execRequest(req wire.ExecRequest) (agent.ExecRequest, error) {
 	}
 	// A zero TimeoutMS means no timeout to the agent: never send one.
 	ms := max(timeout.Milliseconds(), 1)
-	return agent.ExecRequest{Argv: argv, Env: envList(req.Env), Cwd: req.Cwd, TimeoutMS: ms}, nil
+	return agent.ExecRequest{Argv: argv, Env: envList(req.Env), Cwd: req.Cwd, TimeoutMS: ms,
+		MaxOutputBytes: int64(m.cfg.MaxOutputBytes)}, nil
 }
 
 func toWire(r store.Sandbox) wire.Sandbox {
