@@ -22,6 +22,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/pandastack/pandastack/internal/runtime"
 	"golang.org/x/sys/unix"
@@ -245,10 +246,46 @@ func (r *Runtime) Delete(ctx context.Context, id string) error {
 			return fmt.Errorf("deleting sandbox %s with runsc: %w: %s", id, err, strings.TrimSpace(msg))
 		}
 	}
+	if err := removeCgroups(ctx, r.cfg.CgroupParent, id); err != nil {
+		return err
+	}
 	if err := os.RemoveAll(r.dir(id)); err != nil {
 		return fmt.Errorf("removing sandbox directory: %w", err)
 	}
 	return nil
+}
+
+// cgroupRoot is where cgroup hierarchies are mounted.
+const cgroupRoot = "/sys/fs/cgroup"
+
+// removeCgroups removes the sandbox's cgroups that runsc left behind. runsc
+// removes them itself on a normal delete, but not always when the sandbox
+// died first (its processes may still be exiting when it tries): rmdir is
+// retried while the kernel reports the group busy.
+func removeCgroups(ctx context.Context, parent, id string) error {
+	var dirs []string
+	// cgroup v2 (and hybrid's unified tree) and every v1 controller.
+	dirs = append(dirs, filepath.Join(cgroupRoot, parent, id))
+	if ents, err := os.ReadDir(cgroupRoot); err == nil {
+		for _, e := range ents {
+			dirs = append(dirs, filepath.Join(cgroupRoot, e.Name(), parent, id))
+		}
+	}
+	var errs []error
+	for _, d := range dirs {
+		for try := 0; ; try++ {
+			err := unix.Rmdir(d)
+			if err == nil || err == unix.ENOENT || err == unix.ENOTDIR {
+				break
+			}
+			if err != unix.EBUSY || try >= 50 || ctx.Err() != nil {
+				errs = append(errs, fmt.Errorf("removing cgroup %s: %w", d, err))
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // List implements runtime.Runtime: the sandboxes runsc knows of and the
