@@ -12,6 +12,7 @@ const APIVersion = "/v1"
 const (
 	StateCreating = "creating"
 	StateRunning  = "running"
+	StatePaused   = "paused"
 	StateStopped  = "stopped"
 	StateExpired  = "expired"
 	StateFailed   = "failed"
@@ -29,7 +30,19 @@ type CreateSandboxRequest struct {
 	CPU float64 `json:"cpu,omitempty"`
 	// MemoryMB is the memory limit in MiB; server default when zero.
 	MemoryMB int `json:"memory_mb,omitempty"`
+	// SnapshotID starts the sandbox from a snapshot instead of a fresh
+	// boot: its processes continue where the snapshot left them. Template
+	// must then be empty or the snapshot's template.
+	SnapshotID string `json:"snapshot_id,omitempty"`
+	// OnTimeout is what happens at the TTL: "kill" (default) or "pause".
+	OnTimeout string `json:"on_timeout,omitempty"`
 }
+
+// What happens to a sandbox when its TTL ends.
+const (
+	OnTimeoutKill  = "kill"
+	OnTimeoutPause = "pause"
+)
 
 // Sandbox describes one sandbox.
 type Sandbox struct {
@@ -41,6 +54,39 @@ type Sandbox struct {
 	Metadata  map[string]string `json:"metadata"`
 	CPU       float64           `json:"cpu"`
 	MemoryMB  int               `json:"memory_mb"`
+	// OnTimeout is "kill" or "pause".
+	OnTimeout string `json:"on_timeout"`
+	// PausedBytes is the size on disk of a paused sandbox's saved state;
+	// 0 unless paused.
+	PausedBytes int64 `json:"paused_bytes"`
+}
+
+// ForkRequest is the body of POST /v1/sandboxes/{id}/fork.
+type ForkRequest struct {
+	// Count is how many forks to create; 1 when zero.
+	Count int `json:"count,omitempty"`
+	// TTLSeconds of each fork; the parent's TTL setting when zero.
+	TTLSeconds int `json:"ttl_seconds,omitempty"`
+}
+
+// ForkResponse is the answer to a fork: the new sandboxes, all running.
+type ForkResponse struct {
+	Sandboxes []Sandbox `json:"sandboxes"`
+}
+
+// Snapshot is a saved sandbox: memory of every process and the writable
+// filesystem.
+type Snapshot struct {
+	ID            string    `json:"id"`
+	SourceSandbox string    `json:"source_sandbox"`
+	Template      string    `json:"template"`
+	SizeBytes     int64     `json:"size_bytes"`
+	CreatedAt     time.Time `json:"created_at"`
+}
+
+// SnapshotList is the body of GET /v1/snapshots.
+type SnapshotList struct {
+	Snapshots []Snapshot `json:"snapshots"`
 }
 
 // SandboxList is the body of GET /v1/sandboxes.
