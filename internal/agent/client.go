@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/yamux"
 )
@@ -38,7 +39,12 @@ func (c *Client) open(ctx context.Context, req Request) (*yamux.Stream, func(), 
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening agent stream: %w", err)
 	}
-	stop := context.AfterFunc(ctx, func() { st.Close() })
+	// Cancelling ctx must also unblock a read waiting on an agent that
+	// does not answer: Close alone only half-closes the stream.
+	stop := context.AfterFunc(ctx, func() {
+		_ = st.SetReadDeadline(time.Now())
+		st.Close()
+	})
 	cleanup := func() {
 		stop()
 		st.Close()

@@ -143,6 +143,10 @@ func ReadFrame(r io.Reader) (typ byte, payload []byte, err error) {
 	}
 	payload = make([]byte, n)
 	if _, err := io.ReadFull(r, payload); err != nil {
+		if err == io.EOF {
+			// A header without its payload is a cut frame, not a clean end.
+			err = io.ErrUnexpectedEOF
+		}
 		return 0, nil, fmt.Errorf("reading frame payload: %w", err)
 	}
 	return hdr[0], payload, nil

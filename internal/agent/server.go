@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -186,9 +187,26 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 		_ = fw.json(FrameExit, Exit{ExitCode: -1, Error: fmt.Sprintf(format, args...)})
 	}
 
+	if req.Cwd != "" {
+		if st, err := os.Stat(req.Cwd); err != nil || !st.IsDir() {
+			msg := fmt.Sprintf("cwd %s: not a directory", req.Cwd)
+			if err != nil {
+				msg = fmt.Sprintf("cwd %s: %v", req.Cwd, errors.Unwrap(err))
+			}
+			_ = fw.frame(FrameStderr, []byte(msg+"\n"))
+			_ = fw.json(FrameExit, Exit{ExitCode: -1, Error: msg})
+			return
+		}
+	}
 	path, err := exec.LookPath(req.Argv[0])
 	if err != nil {
-		// Match the shell's convention: 127 for a command that is not found.
+		// The shell's conventions: 126 for a file that cannot be executed,
+		// 127 for a command that is not found.
+		if errors.Is(err, fs.ErrPermission) {
+			_ = fw.frame(FrameStderr, []byte(fmt.Sprintf("%s: permission denied\n", req.Argv[0])))
+			_ = fw.json(FrameExit, Exit{ExitCode: 126, Error: err.Error()})
+			return
+		}
 		_ = fw.frame(FrameStderr, []byte(fmt.Sprintf("%s: command not found\n", req.Argv[0])))
 		_ = fw.json(FrameExit, Exit{ExitCode: 127, Error: err.Error()})
 		return
@@ -264,15 +282,32 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 		killedByUs.Do(func() { _ = unix.Kill(-pid, unix.SIGKILL) })
 	}
 
+	// Stdin is written by its own goroutine from a queue, so that a process
+	// that does not read its stdin cannot hold up signal frames or the
+	// notice that the caller went away. The queue is bounded by the API's
+	// request size and the sandbox's memory.
+	stdinQ := newByteQueue()
+	if stdinW != nil {
+		go func(w *os.File) {
+			defer w.Close()
+			for {
+				b, ok := stdinQ.pop()
+				if !ok {
+					return
+				}
+				if _, err := w.Write(b); err != nil {
+					stdinQ.close()
+					return
+				}
+			}
+		}(stdinW)
+	}
+
 	// Frames from the daemon: stdin, signals. The stream closing early means
 	// the caller went away: the process group is killed.
 	callerGone := make(chan struct{})
 	go func() {
-		defer func() {
-			if stdinW != nil {
-				stdinW.Close()
-			}
-		}()
+		defer stdinQ.close()
 		for {
 			typ, payload, err := ReadFrame(st)
 			if err != nil {
@@ -281,14 +316,9 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 			}
 			switch typ {
 			case FrameStdin:
-				if stdinW != nil {
-					_, _ = stdinW.Write(payload)
-				}
+				stdinQ.push(payload)
 			case FrameStdinEOF:
-				if stdinW != nil {
-					stdinW.Close()
-					stdinW = nil
-				}
+				stdinQ.close()
 			case FrameSignal:
 				var sig Signal
 				if json.Unmarshal(payload, &sig) == nil && sig.Signal > 0 && sig.Signal < 65 {
@@ -384,4 +414,49 @@ wait:
 		exit.ExitCode = 124
 	}
 	_ = fw.json(FrameExit, exit)
+}
+
+// byteQueue is an unbounded FIFO of byte slices with a close.
+type byteQueue struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	items  [][]byte
+	closed bool
+}
+
+func newByteQueue() *byteQueue {
+	q := &byteQueue{}
+	q.cond = sync.NewCond(&q.mu)
+	return q
+}
+
+func (q *byteQueue) push(b []byte) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !q.closed {
+		q.items = append(q.items, b)
+		q.cond.Signal()
+	}
+}
+
+// close ends the queue: pop returns what is queued, then reports false.
+func (q *byteQueue) close() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.closed = true
+	q.cond.Broadcast()
+}
+
+func (q *byteQueue) pop() ([]byte, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.items) == 0 && !q.closed {
+		q.cond.Wait()
+	}
+	if len(q.items) == 0 {
+		return nil, false
+	}
+	b := q.items[0]
+	q.items = q.items[1:]
+	return b, true
 }

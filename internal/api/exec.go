@@ -82,15 +82,26 @@ type capped struct {
 	truncated bool
 }
 
+// add appends b. The collected text never exceeds max bytes: bytes held
+// back for an incomplete character count too, and the cut falls on a
+// character boundary.
 func (c *capped) add(b []byte) {
-	if room := c.max - c.sb.Len(); room < len(b) {
-		c.truncated = true
-		if room <= 0 {
-			return
-		}
-		b = b[:room]
+	if c.truncated {
+		return
 	}
-	c.sb.WriteString(c.carry.next(b))
+	text := c.carry.next(b)
+	room := c.max - c.sb.Len()
+	if len(text)+len(c.carry.rest) <= room {
+		c.sb.WriteString(text)
+		return
+	}
+	c.truncated = true
+	c.carry.rest = nil
+	cut := min(max(room, 0), len(text))
+	for cut > 0 && cut < len(text) && !utf8.RuneStart(text[cut]) {
+		cut--
+	}
+	c.sb.WriteString(text[:cut])
 }
 
 func (s *Server) execBlocking(w http.ResponseWriter, r *http.Request, tenant, id string, req wire.ExecRequest) error {

@@ -172,7 +172,11 @@ func decode(r *http.Request, v any) error {
 		}
 		return errdefs.Invalid("decoding request body: %v", err)
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return errdefs.New(errdefs.ErrTooLarge, "request body exceeds %d bytes", mbe.Limit)
+		}
 		return errdefs.Invalid("request body has data after the JSON object")
 	}
 	if _, err := io.Copy(io.Discard, r.Body); err != nil {

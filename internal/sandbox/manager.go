@@ -647,11 +647,11 @@ func (m *Manager) ttl(seconds int, allowZero bool) (time.Duration, error) {
 	if seconds == 0 && allowZero {
 		return m.cfg.DefaultTTL, nil
 	}
-	d := time.Duration(seconds) * time.Second
-	if seconds < 1 || d > m.cfg.MaxTTL {
-		return 0, errdefs.Invalid("ttl_seconds must be between 1 and %d, got %d", int(m.cfg.MaxTTL/time.Second), seconds)
+	// Compare before multiplying: a huge value would overflow Duration.
+	if maxS := int(m.cfg.MaxTTL / time.Second); seconds < 1 || seconds > maxS {
+		return 0, errdefs.Invalid("ttl_seconds must be between 1 and %d, got %d", maxS, seconds)
 	}
-	return d, nil
+	return time.Duration(seconds) * time.Second, nil
 }
 
 // SetTimeout makes the sandbox expire ttlSeconds from now.
@@ -756,10 +756,12 @@ func (m *Manager) execRequest(req wire.ExecRequest) (agent.ExecRequest, error) {
 	}
 	timeout := m.cfg.DefaultExecTimeout
 	if req.TimeoutSeconds != 0 {
-		timeout = time.Duration(req.TimeoutSeconds * float64(time.Second))
-		if req.TimeoutSeconds < 0 || timeout > m.cfg.MaxExecTimeout {
-			return agent.ExecRequest{}, errdefs.Invalid("timeout_seconds must be between 0 and %d, got %g", int(m.cfg.MaxExecTimeout/time.Second), req.TimeoutSeconds)
+		// Compare as floats first: a huge value would overflow Duration.
+		ts := req.TimeoutSeconds
+		if !(ts > 0 && ts <= m.cfg.MaxExecTimeout.Seconds()) {
+			return agent.ExecRequest{}, errdefs.Invalid("timeout_seconds must be between 0 and %d, got %g", int(m.cfg.MaxExecTimeout/time.Second), ts)
 		}
+		timeout = time.Duration(ts * float64(time.Second))
 	}
 	// A zero TimeoutMS means no timeout to the agent: never send one.
 	ms := max(timeout.Milliseconds(), 1)
