@@ -66,3 +66,16 @@ type Runtime interface {
 	// or not, including ones left from an earlier daemon.
 	List(ctx context.Context) ([]string, error)
 }
+
+// Checkpointer is the optional capability to save a running sandbox's
+// memory and filesystem, and to start sandboxes from such an image.
+type Checkpointer interface {
+	// Checkpoint saves the sandbox to the image directory dir, which must
+	// exist and be empty. With leaveRunning the sandbox goes on running;
+	// without, it stops once saved and must still be Deleted.
+	Checkpoint(ctx context.Context, id, dir string, leaveRunning bool) error
+	// Restore starts a new sandbox described by spec from the image in dir:
+	// its processes continue where the image left them, with spec's id,
+	// hostname and limits. The image can be removed once Restore returns.
+	Restore(ctx context.Context, spec Spec, dir string) error
+}

@@ -20,7 +20,10 @@ type Store struct {
 	db *sql.DB
 }
 
-const schema = `
+// migrations bring a database from user_version i to i+1. Append only.
+var migrations = []string{
+	// 1: the first schema.
+	`
 CREATE TABLE IF NOT EXISTS sandboxes (
 	id          TEXT PRIMARY KEY,
 	tenant      TEXT NOT NULL,
@@ -39,7 +42,27 @@ CREATE TABLE IF NOT EXISTS api_keys (
 	tenant      TEXT NOT NULL,
 	created_at  INTEGER NOT NULL
 );
-`
+`,
+	// 2: snapshots, pause and resume.
+	`
+ALTER TABLE sandboxes ADD COLUMN env TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE sandboxes ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'kill';
+ALTER TABLE sandboxes ADD COLUMN ttl_seconds INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sandboxes ADD COLUMN paused_bytes INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE snapshots (
+	id              TEXT PRIMARY KEY,
+	tenant          TEXT NOT NULL,
+	source_sandbox  TEXT NOT NULL,
+	template        TEXT NOT NULL,
+	size_bytes      INTEGER NOT NULL,
+	created_at      INTEGER NOT NULL,
+	env             TEXT NOT NULL DEFAULT '{}',
+	cpu             REAL NOT NULL,
+	memory_mb       INTEGER NOT NULL
+);
+CREATE INDEX snapshots_tenant ON snapshots(tenant);
+`,
+}
 
 // Open opens (creating if needed) the database at path.
 func Open(ctx context.Context, path string) (*Store, error) {
@@ -51,11 +74,41 @@ func Open(ctx context.Context, path string) (*Store, error) {
 	// One writer at a time is all SQLite allows; a single connection also
 	// keeps the pragmas in force.
 	db.SetMaxOpenConns(1)
-	if _, err := db.ExecContext(ctx, schema); err != nil {
+	if err := migrate(ctx, db); err != nil {
 		db.Close()
-		return nil, fmt.Errorf("creating schema in %q: %w", path, err)
+		return nil, fmt.Errorf("migrating %q: %w", path, err)
 	}
 	return &Store{db: db}, nil
+}
+
+// migrate applies the migrations the database has not seen, each in a
+// transaction with its user_version bump.
+func migrate(ctx context.Context, db *sql.DB) error {
+	var v int
+	if err := db.QueryRowContext(ctx, `PRAGMA user_version`).Scan(&v); err != nil {
+		return fmt.Errorf("reading schema version: %w", err)
+	}
+	if v > len(migrations) {
+		return fmt.Errorf("database schema version %d is newer than this build knows (%d)", v, len(migrations))
+	}
+	for i := v; i < len(migrations); i++ {
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("applying migration %d: %w", i+1, err)
+		}
+		if _, err := tx.ExecContext(ctx, fmt.Sprintf(`PRAGMA user_version = %d`, i+1)); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("recording migration %d: %w", i+1, err)
+		}
+		if err := tx.Commit(); err != nil {
+			return fmt.Errorf("committing migration %d: %w", i+1, err)
+		}
+	}
+	return nil
 }
 
 // Close closes the database.
@@ -72,9 +125,18 @@ type Sandbox struct {
 	Metadata  map[string]string
 	CPU       float64
 	MemoryMB  int
+	// Env is the sandbox's own environment (from its create request).
+	Env map[string]string
+	// OnTimeout is what the TTL does: "kill" or "pause".
+	OnTimeout string
+	// TTLSeconds is the TTL the sandbox was created with; a resume
+	// restarts it.
+	TTLSeconds int
+	// PausedBytes is the size of the saved state while paused.
+	PausedBytes int64
 }
 
-const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb`
+const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb, env, on_timeout, ttl_seconds, paused_bytes`
 
 // CreateSandbox inserts a new record.
 func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
@@ -82,8 +144,16 @@ func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
 	if err != nil {
 		return fmt.Errorf("encoding metadata: %w", err)
 	}
-	_, err = s.db.ExecContext(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?)`,
-		sb.ID, sb.Tenant, sb.Template, sb.State, sb.CreatedAt.UnixNano(), sb.ExpiresAt.UnixNano(), string(md), sb.CPU, sb.MemoryMB)
+	env, err := json.Marshal(sb.Env)
+	if err != nil {
+		return fmt.Errorf("encoding env: %w", err)
+	}
+	if sb.OnTimeout == "" {
+		sb.OnTimeout = "kill"
+	}
+	_, err = s.db.ExecContext(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+		sb.ID, sb.Tenant, sb.Template, sb.State, sb.CreatedAt.UnixNano(), sb.ExpiresAt.UnixNano(), string(md), sb.CPU, sb.MemoryMB,
+		string(env), sb.OnTimeout, sb.TTLSeconds, sb.PausedBytes)
 	if err != nil {
 		return fmt.Errorf("inserting sandbox %s: %w", sb.ID, err)
 	}
@@ -93,9 +163,13 @@ func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
 func scanSandbox(row interface{ Scan(...any) error }) (Sandbox, error) {
 	var sb Sandbox
 	var created, expires int64
-	var md string
-	if err := row.Scan(&sb.ID, &sb.Tenant, &sb.Template, &sb.State, &created, &expires, &md, &sb.CPU, &sb.MemoryMB); err != nil {
+	var md, env string
+	if err := row.Scan(&sb.ID, &sb.Tenant, &sb.Template, &sb.State, &created, &expires, &md, &sb.CPU, &sb.MemoryMB,
+		&env, &sb.OnTimeout, &sb.TTLSeconds, &sb.PausedBytes); err != nil {
 		return Sandbox{}, err
+	}
+	if err := json.Unmarshal([]byte(env), &sb.Env); err != nil {
+		return Sandbox{}, fmt.Errorf("decoding env of %s: %w", sb.ID, err)
 	}
 	sb.CreatedAt = time.Unix(0, created).UTC()
 	sb.ExpiresAt = time.Unix(0, expires).UTC()
@@ -179,6 +253,21 @@ func (s *Store) SetSandboxExpiry(ctx context.Context, id string, expires time.Ti
 	return mustAffect(res, id)
 }
 
+// SetSandboxPaused records a pause (bytes > 0, state paused) or a resume
+// (state running, new expiry).
+func (s *Store) SetSandboxPaused(ctx context.Context, id string, paused bool, bytes int64, expires time.Time) error {
+	state := "running"
+	if paused {
+		state = "paused"
+	}
+	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET state = ?, paused_bytes = ?, expires_at = ? WHERE id = ?`,
+		state, bytes, expires.UnixNano(), id)
+	if err != nil {
+		return fmt.Errorf("recording pause state of sandbox %s: %w", id, err)
+	}
+	return mustAffect(res, id)
+}
+
 // PruneEnded deletes records of sandboxes that ended before t.
 func (s *Store) PruneEnded(ctx context.Context, before time.Time) (int64, error) {
 	res, err := s.db.ExecContext(ctx, `DELETE FROM sandboxes WHERE ended_at IS NOT NULL AND ended_at < ?`, before.UnixNano())
@@ -228,4 +317,92 @@ func (s *Store) CountAPIKeys(ctx context.Context) (int, error) {
 		return 0, fmt.Errorf("counting api keys: %w", err)
 	}
 	return n, nil
+}
+
+// Snapshot is the stored record of one snapshot.
+type Snapshot struct {
+	ID            string
+	Tenant        string
+	SourceSandbox string
+	Template      string
+	SizeBytes     int64
+	CreatedAt     time.Time
+	// Env, CPU and MemoryMB are the source sandbox's, for sandboxes
+	// created from the snapshot.
+	Env      map[string]string
+	CPU      float64
+	MemoryMB int
+}
+
+const snapshotCols = `id, tenant, source_sandbox, template, size_bytes, created_at, env, cpu, memory_mb`
+
+// CreateSnapshot inserts a snapshot record.
+func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
+	env, err := json.Marshal(sn.Env)
+	if err != nil {
+		return fmt.Errorf("encoding env: %w", err)
+	}
+	_, err = s.db.ExecContext(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (?,?,?,?,?,?,?,?,?)`,
+		sn.ID, sn.Tenant, sn.SourceSandbox, sn.Template, sn.SizeBytes, sn.CreatedAt.UnixNano(), string(env), sn.CPU, sn.MemoryMB)
+	if err != nil {
+		return fmt.Errorf("inserting snapshot %s: %w", sn.ID, err)
+	}
+	return nil
+}
+
+func scanSnapshot(row interface{ Scan(...any) error }) (Snapshot, error) {
+	var sn Snapshot
+	var created int64
+	var env string
+	if err := row.Scan(&sn.ID, &sn.Tenant, &sn.SourceSandbox, &sn.Template, &sn.SizeBytes, &created, &env, &sn.CPU, &sn.MemoryMB); err != nil {
+		return Snapshot{}, err
+	}
+	sn.CreatedAt = time.Unix(0, created).UTC()
+	if err := json.Unmarshal([]byte(env), &sn.Env); err != nil {
+		return Snapshot{}, fmt.Errorf("decoding env of %s: %w", sn.ID, err)
+	}
+	return sn, nil
+}
+
+// GetSnapshot returns the tenant's snapshot; another tenant's is ErrNotFound.
+func (s *Store) GetSnapshot(ctx context.Context, tenant, id string) (Snapshot, error) {
+	sn, err := scanSnapshot(s.db.QueryRowContext(ctx, `SELECT `+snapshotCols+` FROM snapshots WHERE id = ? AND tenant = ?`, id, tenant))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Snapshot{}, errdefs.NotFound("snapshot %q not found", id)
+	}
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("reading snapshot %s: %w", id, err)
+	}
+	return sn, nil
+}
+
+// ListSnapshots returns the tenant's snapshots, oldest first; an empty
+// tenant means every tenant.
+func (s *Store) ListSnapshots(ctx context.Context, tenant string) ([]Snapshot, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+snapshotCols+` FROM snapshots WHERE (? = '' OR tenant = ?) ORDER BY created_at, id`, tenant, tenant)
+	if err != nil {
+		return nil, fmt.Errorf("listing snapshots: %w", err)
+	}
+	defer rows.Close()
+	var out []Snapshot
+	for rows.Next() {
+		sn, err := scanSnapshot(rows)
+		if err != nil {
+			return nil, fmt.Errorf("listing snapshots: %w", err)
+		}
+		out = append(out, sn)
+	}
+	return out, rows.Err()
+}
+
+// DeleteSnapshot removes the tenant's snapshot record.
+func (s *Store) DeleteSnapshot(ctx context.Context, tenant, id string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM snapshots WHERE id = ? AND tenant = ?`, id, tenant)
+	if err != nil {
+		return fmt.Errorf("deleting snapshot %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return errdefs.NotFound("snapshot %q not found", id)
+	}
+	return nil
 }

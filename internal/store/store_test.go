@@ -113,3 +113,49 @@ func TestReopenKeepsState(t *testing.T) {
 		t.Fatalf("got %d keys after reopen, want 1", n)
 	}
 }
+
+func TestSnapshots(t *testing.T) {
+	ctx := context.Background()
+	s := openTest(t)
+	sn := Snapshot{ID: "snap-1", Tenant: "t1", SourceSandbox: "sb-1", Template: "base", SizeBytes: 42,
+		CreatedAt: time.Now().UTC().Truncate(time.Microsecond), Env: map[string]string{"A": "b"}, CPU: 1, MemoryMB: 256}
+	if err := s.CreateSnapshot(ctx, sn); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.GetSnapshot(ctx, "t1", "snap-1")
+	if err != nil || got.SizeBytes != 42 || got.Env["A"] != "b" || !got.CreatedAt.Equal(sn.CreatedAt) {
+		t.Fatalf("got %+v, %v", got, err)
+	}
+	if _, err := s.GetSnapshot(ctx, "t2", "snap-1"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("other tenant: got %v, want ErrNotFound", err)
+	}
+	if l, _ := s.ListSnapshots(ctx, "t1"); len(l) != 1 {
+		t.Errorf("list: got %d, want 1", len(l))
+	}
+	if err := s.DeleteSnapshot(ctx, "t2", "snap-1"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("delete by other tenant: got %v, want ErrNotFound", err)
+	}
+	if err := s.DeleteSnapshot(ctx, "t1", "snap-1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteSnapshot(ctx, "t1", "snap-1"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("second delete: got %v, want ErrNotFound", err)
+	}
+}
+
+func TestPauseRecord(t *testing.T) {
+	ctx := context.Background()
+	s := openTest(t)
+	now := time.Now().UTC()
+	if err := s.CreateSandbox(ctx, Sandbox{ID: "sb-1", Tenant: "t", Template: "base", State: "running", CreatedAt: now,
+		ExpiresAt: now, Env: map[string]string{"K": "v"}, OnTimeout: "pause", TTLSeconds: 30, CPU: 1, MemoryMB: 64}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetSandboxPaused(ctx, "sb-1", true, 1234, now.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.GetSandbox(ctx, "t", "sb-1")
+	if err != nil || got.State != "paused" || got.PausedBytes != 1234 || got.OnTimeout != "pause" || got.TTLSeconds != 30 || got.Env["K"] != "v" {
+		t.Fatalf("got %+v, %v", got, err)
+	}
+}

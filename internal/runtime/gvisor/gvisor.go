@@ -47,7 +47,10 @@ type Runtime struct {
 	cfg Config
 }
 
-var _ runtime.Runtime = (*Runtime)(nil)
+var (
+	_ runtime.Runtime      = (*Runtime)(nil)
+	_ runtime.Checkpointer = (*Runtime)(nil)
+)
 
 // New checks the configuration and returns a Runtime.
 func New(cfg Config) (*Runtime, error) {
@@ -113,7 +116,35 @@ func validID(id string) bool {
 }
 
 // Start implements runtime.Runtime.
-func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (err error) {
+func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) error {
+	return r.launch(ctx, spec, "run", "--detach")
+}
+
+// Restore implements runtime.Checkpointer.
+func (r *Runtime) Restore(ctx context.Context, spec runtime.Spec, image string) error {
+	return r.launch(ctx, spec, "restore", "--detach", "--image-path="+image)
+}
+
+// Checkpoint implements runtime.Checkpointer.
+func (r *Runtime) Checkpoint(ctx context.Context, id, image string, leaveRunning bool) error {
+	if !validID(id) {
+		return fmt.Errorf("invalid sandbox id %q", id)
+	}
+	args := []string{"checkpoint", "--image-path=" + image}
+	if leaveRunning {
+		args = append(args, "--leave-running")
+	}
+	cmd := r.runsc(ctx, id, 0, append(args, id)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &limitedBuffer{buf: &stderr, max: 4096}
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("checkpointing sandbox %s with runsc: %w: %s", id, err, strings.TrimSpace(stderr.String()))
+	}
+	return nil
+}
+
+// launch starts a sandbox with runsc's run or restore subcommand.
+func (r *Runtime) launch(ctx context.Context, spec runtime.Spec, subcmd ...string) (err error) {
 	if !validID(spec.ID) {
 		return fmt.Errorf("invalid sandbox id %q", spec.ID)
 	}
@@ -143,12 +174,13 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (err error) {
 	defer out.Close()
 	defer logf.Close()
 
-	cmd := r.runsc(ctx, spec.ID, spec.Limits.DiskBytes, "run", "--detach", "--bundle="+filepath.Join(dir, "bundle"), spec.ID)
+	args := append(append([]string{}, subcmd...), "--bundle="+filepath.Join(dir, "bundle"), spec.ID)
+	cmd := r.runsc(ctx, spec.ID, spec.Limits.DiskBytes, args...)
 	// The sandbox inherits these descriptors and outlives runsc: they must
 	// be files, not pipes that exec.Cmd would wait on.
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = in, out, logf
 	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("starting sandbox with runsc: %w: %s", err, tail(filepath.Join(dir, "agent.log"), 2048))
+		return fmt.Errorf("starting sandbox with runsc %s: %w: %s", subcmd[0], err, tail(filepath.Join(dir, "agent.log"), 2048))
 	}
 	return nil
 }

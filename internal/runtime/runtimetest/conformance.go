@@ -192,6 +192,10 @@ func Run(t *testing.T, h Harness) {
 		}
 	})
 
+	if cp, ok := h.Runtime.(runtime.Checkpointer); ok {
+		t.Run("CheckpointRestore", func(t *testing.T) { checkpointRestore(t, h, cp) })
+	}
+
 	t.Run("DeathClosesSession", func(t *testing.T) {
 		spec := h.Spec(NewID())
 		c := start(t, h, spec)
@@ -203,4 +207,70 @@ func Run(t *testing.T, h Harness) {
 			t.Fatal("exec in a deleted sandbox succeeded")
 		}
 	})
+}
+
+// checkpointRestore forks a sandbox through a checkpoint left running, then
+// pauses one (checkpoint, delete) and brings it back under the same id.
+func checkpointRestore(t *testing.T, h Harness, cp runtime.Checkpointer) {
+	ctx := context.Background()
+	parent := h.Spec(NewID())
+	c := start(t, h, parent)
+	run(t, c, "/bin/sh", "-c", "echo before > /root/f; (setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' >/dev/null 2>&1 &)")
+	time.Sleep(200 * time.Millisecond)
+
+	image := t.TempDir()
+	if err := cp.Checkpoint(ctx, parent.ID, image, true); err != nil {
+		t.Fatalf("Checkpoint: %v", err)
+	}
+	if got, _ := run(t, c, "cat", "/root/f"); got != "before\n" {
+		t.Errorf("parent after checkpoint: got %q", got)
+	}
+	fork := h.Spec(NewID())
+	if err := cp.Restore(ctx, fork, image); err != nil {
+		t.Fatalf("Restore: %v", err)
+	}
+	t.Cleanup(func() { _ = h.Runtime.Delete(context.Background(), fork.ID) })
+	conn, err := h.Runtime.Connect(ctx, fork.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc, err := agent.Dial(ctx, conn)
+	if err != nil {
+		t.Fatalf("Dial restored sandbox: %v", err)
+	}
+	defer fc.Close()
+	got, _ := run(t, fc, "/bin/sh", "-c", "cat /root/f; hostname; a=$(cat /tmp/count); sleep 0.3; b=$(cat /tmp/count); [ $b -gt $a ] && echo counting")
+	if want := "before\n" + fork.ID + "\ncounting\n"; got != want {
+		t.Errorf("restored sandbox: got %q, want %q", got, want)
+	}
+	run(t, fc, "/bin/sh", "-c", "echo fork > /root/f")
+	if got, _ := run(t, c, "cat", "/root/f"); got != "before\n" {
+		t.Errorf("parent sees the fork's write: %q", got)
+	}
+
+	// Pause: checkpoint without leaving it running, delete, restore the
+	// same id.
+	pauseImg := t.TempDir()
+	if err := cp.Checkpoint(ctx, parent.ID, pauseImg, false); err != nil {
+		t.Fatalf("Checkpoint (stop): %v", err)
+	}
+	c.Close()
+	if err := h.Runtime.Delete(ctx, parent.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := cp.Restore(ctx, parent, pauseImg); err != nil {
+		t.Fatalf("Restore under the same id: %v", err)
+	}
+	conn, err = h.Runtime.Connect(ctx, parent.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := agent.Dial(ctx, conn)
+	if err != nil {
+		t.Fatalf("Dial resumed sandbox: %v", err)
+	}
+	defer pc.Close()
+	if got, _ := run(t, pc, "cat", "/root/f"); got != "before\n" {
+		t.Errorf("resumed sandbox: got %q, want %q", got, "before\n")
+	}
 }
