@@ -250,7 +250,9 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 	// Hold the lock across Start so the reaper cannot see the pid before it
 	// is registered.
 	s.mu.Lock()
+	restore := lowerNproc()
 	err = cmd.Start()
+	restore()
 	if err == nil {
 		s.waiters[cmd.Process.Pid] = exitc
 	}
@@ -459,4 +461,26 @@ func (q *byteQueue) pop() ([]byte, bool) {
 	b := q.items[0]
 	q.items = q.items[1:]
 	return b, true
+}
+
+// nprocHeadroom is how many processes of the sandbox's RLIMIT_NPROC the
+// agent keeps for itself: commands start with a soft limit that much lower,
+// so that a fork bomb runs out of processes before the agent (the same
+// user, and init) can no longer create the threads it needs.
+const nprocHeadroom = 64
+
+// lowerNproc lowers the agent's soft RLIMIT_NPROC for the next fork, which
+// the child inherits; the returned func restores it. The caller holds s.mu,
+// so starts do not interleave.
+func lowerNproc() (restore func()) {
+	var cur unix.Rlimit
+	if err := unix.Prlimit(0, unix.RLIMIT_NPROC, nil, &cur); err != nil || cur.Cur == unix.RLIM_INFINITY || cur.Cur <= 2*nprocHeadroom {
+		return func() {}
+	}
+	lower := cur
+	lower.Cur = cur.Cur - nprocHeadroom
+	if err := unix.Prlimit(0, unix.RLIMIT_NPROC, &lower, nil); err != nil {
+		return func() {}
+	}
+	return func() { _ = unix.Prlimit(0, unix.RLIMIT_NPROC, &cur, nil) }
 }

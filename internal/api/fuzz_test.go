@@ -352,3 +352,41 @@ func TestDecodeBodies(t *testing.T) {
 		})
 	}
 }
+
+func (f *fakeSandboxes) Snapshot(_ context.Context, tenant, id string) (wire.Snapshot, error) {
+	if _, err := f.sandbox(tenant, id); err != nil {
+		return wire.Snapshot{}, err
+	}
+	return wire.Snapshot{ID: "snap-1", SourceSandbox: id, Template: "base"}, nil
+}
+
+func (f *fakeSandboxes) GetSnapshot(_ context.Context, tenant, id string) (wire.Snapshot, error) {
+	return wire.Snapshot{}, errdefs.NotFound("snapshot %q not found", id)
+}
+
+func (f *fakeSandboxes) ListSnapshots(context.Context, string) ([]wire.Snapshot, error) {
+	return []wire.Snapshot{}, nil
+}
+
+func (f *fakeSandboxes) DeleteSnapshot(_ context.Context, tenant, id string) error {
+	return errdefs.NotFound("snapshot %q not found", id)
+}
+
+func (f *fakeSandboxes) Fork(_ context.Context, tenant, id string, req wire.ForkRequest) ([]wire.Sandbox, error) {
+	sb, err := f.sandbox(tenant, id)
+	if err != nil {
+		return nil, err
+	}
+	if req.Count < 0 || req.Count > 16 {
+		return nil, errdefs.Invalid("count must be between 1 and 16, got %d", req.Count)
+	}
+	return []wire.Sandbox{sb}, nil
+}
+
+func (f *fakeSandboxes) Pause(_ context.Context, tenant, id string) (wire.Sandbox, error) {
+	return f.sandbox(tenant, id)
+}
+
+func (f *fakeSandboxes) Resume(_ context.Context, tenant, id string) (wire.Sandbox, error) {
+	return f.sandbox(tenant, id)
+}

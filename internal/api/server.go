@@ -29,6 +29,13 @@ type Sandboxes interface {
 	Kill(ctx context.Context, tenant, id string) error
 	SetTimeout(ctx context.Context, tenant, id string, ttlSeconds int) (wire.Sandbox, error)
 	Exec(ctx context.Context, tenant, id string, req wire.ExecRequest, out sandbox.Output) (wire.ExecResult, error)
+	Snapshot(ctx context.Context, tenant, id string) (wire.Snapshot, error)
+	GetSnapshot(ctx context.Context, tenant, id string) (wire.Snapshot, error)
+	ListSnapshots(ctx context.Context, tenant string) ([]wire.Snapshot, error)
+	DeleteSnapshot(ctx context.Context, tenant, id string) error
+	Fork(ctx context.Context, tenant, id string, req wire.ForkRequest) ([]wire.Sandbox, error)
+	Pause(ctx context.Context, tenant, id string) (wire.Sandbox, error)
+	Resume(ctx context.Context, tenant, id string) (wire.Sandbox, error)
 }
 
 // Templates lists the server's templates.
@@ -89,6 +96,13 @@ func New(cfg Config) *Server {
 	s.route("DELETE /v1/sandboxes/{id}", true, s.killSandbox)
 	s.route("POST /v1/sandboxes/{id}/timeout", true, s.setTimeout)
 	s.route("POST /v1/sandboxes/{id}/exec", true, s.exec)
+	s.route("POST /v1/sandboxes/{id}/snapshot", true, s.snapshot)
+	s.route("POST /v1/sandboxes/{id}/fork", true, s.fork)
+	s.route("POST /v1/sandboxes/{id}/pause", true, s.pause)
+	s.route("POST /v1/sandboxes/{id}/resume", true, s.resume)
+	s.route("GET /v1/snapshots", true, s.listSnapshots)
+	s.route("GET /v1/snapshots/{id}", true, s.getSnapshot)
+	s.route("DELETE /v1/snapshots/{id}", true, s.deleteSnapshot)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errdefs.NotFound("no route for %s %s", r.Method, r.URL.Path))
 	})
@@ -255,5 +269,71 @@ func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request, tenant strin
 		return err
 	}
 	writeJSON(w, http.StatusOK, sb)
+	return nil
+}
+
+func (s *Server) snapshot(w http.ResponseWriter, r *http.Request, tenant string) error {
+	sn, err := s.cfg.Sandboxes.Snapshot(r.Context(), tenant, r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, sn)
+	return nil
+}
+
+func (s *Server) fork(w http.ResponseWriter, r *http.Request, tenant string) error {
+	var req wire.ForkRequest
+	if err := decodeOptional(r, &req); err != nil {
+		return err
+	}
+	l, err := s.cfg.Sandboxes.Fork(r.Context(), tenant, r.PathValue("id"), req)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, wire.ForkResponse{Sandboxes: l})
+	return nil
+}
+
+func (s *Server) pause(w http.ResponseWriter, r *http.Request, tenant string) error {
+	sb, err := s.cfg.Sandboxes.Pause(r.Context(), tenant, r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, sb)
+	return nil
+}
+
+func (s *Server) resume(w http.ResponseWriter, r *http.Request, tenant string) error {
+	sb, err := s.cfg.Sandboxes.Resume(r.Context(), tenant, r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, sb)
+	return nil
+}
+
+func (s *Server) listSnapshots(w http.ResponseWriter, r *http.Request, tenant string) error {
+	l, err := s.cfg.Sandboxes.ListSnapshots(r.Context(), tenant)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, wire.SnapshotList{Snapshots: l})
+	return nil
+}
+
+func (s *Server) getSnapshot(w http.ResponseWriter, r *http.Request, tenant string) error {
+	sn, err := s.cfg.Sandboxes.GetSnapshot(r.Context(), tenant, r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, sn)
+	return nil
+}
+
+func (s *Server) deleteSnapshot(w http.ResponseWriter, r *http.Request, tenant string) error {
+	if err := s.cfg.Sandboxes.DeleteSnapshot(r.Context(), tenant, r.PathValue("id")); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
 	return nil
 }

@@ -23,6 +23,7 @@ func NewRoot() *cobra.Command {
 	root.AddCommand(
 		newServeCmd(),
 		newSandboxCmd(),
+		newSnapshotCmd(),
 		newRunCmd(),
 		newTemplateCmd(),
 		newBenchCmd(),

@@ -24,7 +24,7 @@ func newSandboxCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:     "sandbox",
 		Aliases: []string{"sb"},
-		Short:   "Create, inspect, run commands in and kill sandboxes",
+		Short:   "Create, inspect, run commands in, snapshot, fork, pause and kill sandboxes",
 	}
 	cmd.AddCommand(
 		newSandboxCreateCmd(),
@@ -33,6 +33,10 @@ func newSandboxCmd() *cobra.Command {
 		newSandboxExecCmd(),
 		newSandboxKillCmd(),
 		newSandboxTimeoutCmd(),
+		newSandboxSnapshotCmd(),
+		newSandboxForkCmd(),
+		newSandboxPauseCmd(),
+		newSandboxResumeCmd(),
 	)
 	return cmd
 }
@@ -49,6 +53,11 @@ func newSandboxCreateCmd() *cobra.Command {
 		Short: "Create a sandbox and print its id",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch opts.OnTimeout {
+			case "", wire.OnTimeoutKill, wire.OnTimeoutPause:
+			default:
+				return fmt.Errorf("--on-timeout must be %q or %q, got %q", wire.OnTimeoutKill, wire.OnTimeoutPause, opts.OnTimeout)
+			}
 			var err error
 			if opts.Env, err = parseKV("--env", env); err != nil {
 				return err
@@ -73,8 +82,10 @@ func newSandboxCreateCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&opts.Template, "template", "", `template to start from (server default "base")`)
-	f.IntVar(&ttl, "ttl", 0, "seconds until the sandbox is destroyed (0: the server's default, 300)")
+	f.StringVar(&opts.Template, "template", "", `template to start from (server default "base"; with --snapshot, the snapshot's)`)
+	f.StringVar(&opts.SnapshotID, "snapshot", "", "snapshot to start from: its processes continue where they were")
+	f.StringVar(&opts.OnTimeout, "on-timeout", "", `what the TTL does: "kill" (the server's default) or "pause"`)
+	f.IntVar(&ttl, "ttl", 0, "seconds until the sandbox is destroyed or paused (0: the server's default, 300)")
 	f.StringArrayVar(&env, "env", nil, "environment variable K=V of every command (repeatable)")
 	f.StringArrayVar(&metadata, "metadata", nil, "metadata K=V stored with the sandbox (repeatable)")
 	f.Float64Var(&opts.CPU, "cpu", 0, "CPUs, fractions allowed (0: the server's default)")
@@ -87,7 +98,7 @@ func newSandboxListCmd() *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "list",
-		Short: "List running sandboxes",
+		Short: "List running and paused sandboxes",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := newClient(cmd)
@@ -113,6 +124,7 @@ func newSandboxListCmd() *cobra.Command {
 }
 
 // printSandboxTable writes sbs, oldest first, with expiry relative to now.
+// A paused sandbox has no expiry: its TTL stops while it is paused.
 func printSandboxTable(w io.Writer, sbs []wire.Sandbox, now time.Time) {
 	sbs = slices.Clone(sbs)
 	slices.SortFunc(sbs, func(a, b wire.Sandbox) int {
@@ -124,7 +136,11 @@ func printSandboxTable(w io.Writer, sbs []wire.Sandbox, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
 	fmt.Fprintln(tw, "ID\tTEMPLATE\tSTATE\tEXPIRES")
 	for _, sb := range sbs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", sb.ID, sb.Template, sb.State, expiresIn(sb.ExpiresAt, now))
+		expires := expiresIn(sb.ExpiresAt, now)
+		if sb.State == wire.StatePaused {
+			expires = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", sb.ID, sb.Template, sb.State, expires)
 	}
 	tw.Flush()
 }
@@ -151,7 +167,7 @@ func newSandboxGetCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			sb, err := c.Connect(cmd.Context(), args[0])
+			sb, err := c.Get(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -190,7 +206,8 @@ func newSandboxExecCmd() *cobra.Command {
 				return err
 			}
 			// Connect costs a round trip but turns a wrong id into a clear
-			// "not found" before anything runs.
+			// "not found" before anything runs, and resumes a paused
+			// sandbox (as the exec itself would).
 			sb, err := c.Connect(cmd.Context(), args[0])
 			if err != nil {
 				return err
@@ -280,7 +297,8 @@ func newSandboxKillCmd() *cobra.Command {
 			// failures.
 			var errs []error
 			for _, id := range args {
-				sb, err := c.Connect(cmd.Context(), id)
+				// Get, not Connect: a paused sandbox is killed as it is.
+				sb, err := c.Get(cmd.Context(), id)
 				if err == nil {
 					err = sb.Kill(cmd.Context())
 				}
@@ -308,7 +326,7 @@ func newSandboxTimeoutCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			sb, err := c.Connect(cmd.Context(), args[0])
+			sb, err := c.Get(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -319,6 +337,158 @@ func newSandboxTimeoutCmd() *cobra.Command {
 			return nil
 		},
 	}
+}
+
+func newSandboxSnapshotCmd() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "snapshot ID",
+		Short: "Save a sandbox's memory and files as a snapshot and print its id",
+		Long: "Save a sandbox's processes, memory and writable files as a snapshot; the sandbox\n" +
+			"keeps running. `sandbox create --snapshot SNAP` starts new sandboxes from it.",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sb, err := getSandbox(cmd, args[0])
+			if err != nil {
+				return err
+			}
+			snap, err := sb.Snapshot(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), snap)
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), snap.ID)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the snapshot as JSON instead of its id")
+	return cmd
+}
+
+func newSandboxForkCmd() *cobra.Command {
+	var (
+		count, ttl int
+		asJSON     bool
+	)
+	cmd := &cobra.Command{
+		Use:   "fork ID",
+		Short: "Copy a running sandbox and print the copies' ids, one a line",
+		Long: "Copy a running sandbox: each fork starts with the parent's processes, memory and\n" +
+			"files as they are now, but has its own id, TTL, writable layer and fresh\n" +
+			"randomness. The parent keeps running.",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if count < 1 {
+				return fmt.Errorf("--count must be at least 1, got %d", count)
+			}
+			if ttl < 0 {
+				return fmt.Errorf("--ttl must not be negative, got %d", ttl)
+			}
+			sb, err := getSandbox(cmd, args[0])
+			if err != nil {
+				return err
+			}
+			forks, err := sb.Fork(cmd.Context(), pandastack.ForkOptions{Count: count, TTL: time.Duration(ttl) * time.Second})
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				infos := make([]wire.Sandbox, 0, len(forks))
+				for _, f := range forks {
+					infos = append(infos, f.Info())
+				}
+				return printJSON(cmd.OutOrStdout(), infos)
+			}
+			for _, f := range forks {
+				fmt.Fprintln(cmd.OutOrStdout(), f.ID())
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&count, "count", 1, "how many forks to make (1 to 16)")
+	f.IntVar(&ttl, "ttl", 0, "seconds each fork lives (0: the parent's TTL setting)")
+	f.BoolVar(&asJSON, "json", false, "print the forks as a JSON array instead of their ids")
+	return cmd
+}
+
+func newSandboxPauseCmd() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "pause ID",
+		Short: "Save a sandbox to disk and stop it until it is resumed",
+		Long: "Save a sandbox's processes and memory to disk and stop them, freeing their memory;\n" +
+			"its TTL stops counting. `sandbox resume`, `sandbox exec` and connecting SDKs resume it.",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sb, err := getSandbox(cmd, args[0])
+			if err != nil {
+				return err
+			}
+			if err := sb.Pause(cmd.Context()); err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), sb.Info())
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s paused (%s saved)\n", sb.ID(), formatBytes(sb.Info().PausedBytes))
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the sandbox as JSON")
+	return cmd
+}
+
+func newSandboxResumeCmd() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "resume ID",
+		Short: "Resume a paused sandbox where it stopped; its TTL starts again",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sb, err := getSandbox(cmd, args[0])
+			if err != nil {
+				return err
+			}
+			if err := sb.Resume(cmd.Context()); err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), sb.Info())
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s resumed, expires at %s\n", sb.ID(), sb.Info().ExpiresAt.Format(time.RFC3339))
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the sandbox as JSON")
+	return cmd
+}
+
+// getSandbox returns a handle on sandbox id without resuming it if paused.
+// The lookup costs a round trip but turns a wrong id into a clear
+// "not found" before anything is done.
+func getSandbox(cmd *cobra.Command, id string) (*pandastack.Sandbox, error) {
+	c, err := newClient(cmd)
+	if err != nil {
+		return nil, err
+	}
+	return c.Get(cmd.Context(), id)
+}
+
+// formatBytes writes n in binary units, e.g. "1.5 MiB".
+func formatBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 5; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 // parseKV parses K=V flag values into a map; nil when there are none.

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -22,13 +21,15 @@ import (
 const testKey = "cli-test-key"
 
 // fakeAPI follows docs/API.md just far enough to test the commands' use of
-// the SDK and their output; it runs no sandboxes. It knows sb-1 and sb-2 at
-// the start, and creates sb-new.
+// the SDK and their output; it runs no sandboxes. It knows the running sb-1
+// and sb-2, the paused sb-p and the snapshot snap-1 at the start; it creates
+// sb-new, forks sb-fork-N and snapshots snap-new.
 type fakeAPI struct {
 	mu sync.Mutex
 	// reqs lists "METHOD /path body" of every request, in order.
 	reqs      []string
 	sandboxes map[string]wire.Sandbox
+	snapshots map[string]wire.Snapshot
 	// exec answers an exec with NDJSON events; nil answers exit 0.
 	exec func(w http.ResponseWriter, r *http.Request, req wire.ExecRequest)
 }
@@ -36,13 +37,21 @@ type fakeAPI struct {
 var created = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 
 func newFakeAPI(t *testing.T) (*fakeAPI, string) {
-	f := &fakeAPI{sandboxes: map[string]wire.Sandbox{}}
+	f := &fakeAPI{sandboxes: map[string]wire.Sandbox{}, snapshots: map[string]wire.Snapshot{}}
 	for i, id := range []string{"sb-2", "sb-1"} {
 		f.sandboxes[id] = wire.Sandbox{
 			ID: id, Template: "base", State: wire.StateRunning,
 			CreatedAt: created.Add(time.Duration(-i) * time.Minute),
-			ExpiresAt: time.Now().Add(90 * time.Minute), CPU: 1, MemoryMB: 1024,
+			ExpiresAt: time.Now().Add(90 * time.Minute), CPU: 1, MemoryMB: 1024, OnTimeout: wire.OnTimeoutKill,
 		}
+	}
+	f.sandboxes["sb-p"] = wire.Sandbox{
+		ID: "sb-p", Template: "base", State: wire.StatePaused,
+		CreatedAt: created.Add(time.Minute), ExpiresAt: time.Now().Add(-time.Hour),
+		CPU: 1, MemoryMB: 1024, OnTimeout: wire.OnTimeoutPause, PausedBytes: 3 << 20,
+	}
+	f.snapshots["snap-1"] = wire.Snapshot{
+		ID: "snap-1", SourceSandbox: "sb-1", Template: "base", SizeBytes: 5 << 19, CreatedAt: created,
 	}
 	srv := httptest.NewServer(f)
 	t.Cleanup(srv.Close)
@@ -74,6 +83,10 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		replyError(w, http.StatusUnauthorized, wire.CodeUnauthenticated, "bad key")
 		return
 	}
+	if rest, ok := strings.CutPrefix(r.URL.Path, "/v1/snapshots"); ok {
+		f.serveSnapshots(w, r, strings.TrimPrefix(rest, "/"))
+		return
+	}
 	rest, _ := strings.CutPrefix(r.URL.Path, "/v1/sandboxes")
 	id, action, _ := strings.Cut(strings.TrimPrefix(rest, "/"), "/")
 
@@ -96,9 +109,19 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case r.Method == "POST" && id == "":
 		var req wire.CreateSandboxRequest
 		json.Unmarshal(body, &req)
+		if req.SnapshotID != "" {
+			f.mu.Lock()
+			snap, ok := f.snapshots[req.SnapshotID]
+			f.mu.Unlock()
+			if !ok {
+				replyError(w, http.StatusNotFound, wire.CodeNotFound, fmt.Sprintf("snapshot %q not found", req.SnapshotID))
+				return
+			}
+			req.Template = snap.Template
+		}
 		sb := wire.Sandbox{ID: "sb-new", Template: req.Template, State: wire.StateRunning,
 			CreatedAt: created, ExpiresAt: created.Add(time.Duration(req.TTLSeconds) * time.Second),
-			Metadata: req.Metadata, CPU: req.CPU, MemoryMB: req.MemoryMB}
+			Metadata: req.Metadata, CPU: req.CPU, MemoryMB: req.MemoryMB, OnTimeout: req.OnTimeout}
 		f.mu.Lock()
 		f.sandboxes[sb.ID] = sb
 		f.mu.Unlock()
@@ -115,6 +138,41 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		json.Unmarshal(body, &req)
 		sb.ExpiresAt = created.Add(time.Duration(req.TTLSeconds) * time.Second)
 		reply(w, http.StatusOK, sb)
+	case r.Method == "POST" && action == "snapshot":
+		snap := wire.Snapshot{ID: "snap-new", SourceSandbox: id, Template: sb.Template, SizeBytes: 1234, CreatedAt: created}
+		f.mu.Lock()
+		f.snapshots[snap.ID] = snap
+		f.mu.Unlock()
+		reply(w, http.StatusCreated, snap)
+	case r.Method == "POST" && action == "fork":
+		var req wire.ForkRequest
+		json.Unmarshal(body, &req)
+		if req.Count > 16 {
+			replyError(w, http.StatusBadRequest, wire.CodeInvalid, "count must be 1 to 16")
+			return
+		}
+		resp := wire.ForkResponse{Sandboxes: []wire.Sandbox{}}
+		f.mu.Lock()
+		for i := range max(req.Count, 1) {
+			fork := sb
+			fork.ID = fmt.Sprintf("sb-fork-%d", i+1)
+			fork.CreatedAt = created
+			fork.ExpiresAt = created.Add(time.Duration(req.TTLSeconds) * time.Second)
+			f.sandboxes[fork.ID] = fork
+			resp.Sandboxes = append(resp.Sandboxes, fork)
+		}
+		f.mu.Unlock()
+		reply(w, http.StatusCreated, resp)
+	case r.Method == "POST" && (action == "pause" || action == "resume"):
+		if action == "pause" {
+			sb.State, sb.PausedBytes = wire.StatePaused, 1<<20
+		} else {
+			sb.State, sb.PausedBytes, sb.ExpiresAt = wire.StateRunning, 0, created.Add(5*time.Minute)
+		}
+		f.mu.Lock()
+		f.sandboxes[id] = sb
+		f.mu.Unlock()
+		reply(w, http.StatusOK, sb)
 	case r.Method == "POST" && action == "exec":
 		if r.Header.Get("Accept") != "application/x-ndjson" {
 			replyError(w, http.StatusBadRequest, wire.CodeInvalid, "the CLI should stream")
@@ -128,6 +186,30 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		f.exec(w, r, req)
+	default:
+		replyError(w, http.StatusNotFound, wire.CodeNotFound, "no route")
+	}
+}
+
+// serveSnapshots answers /v1/snapshots/id (all of them when id is "").
+func (f *fakeAPI) serveSnapshots(w http.ResponseWriter, r *http.Request, id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	snap, found := f.snapshots[id]
+	switch {
+	case r.Method == "GET" && id == "":
+		l := wire.SnapshotList{Snapshots: []wire.Snapshot{}}
+		for _, s := range f.snapshots {
+			l.Snapshots = append(l.Snapshots, s)
+		}
+		reply(w, http.StatusOK, l)
+	case !found:
+		replyError(w, http.StatusNotFound, wire.CodeNotFound, fmt.Sprintf("snapshot %q not found", id))
+	case r.Method == "GET":
+		reply(w, http.StatusOK, snap)
+	case r.Method == "DELETE":
+		delete(f.snapshots, id)
+		w.WriteHeader(http.StatusNoContent)
 	default:
 		replyError(w, http.StatusNotFound, wire.CodeNotFound, "no route")
 	}
@@ -169,18 +251,22 @@ func exitWith(code int, timedOut bool) func(http.ResponseWriter, *http.Request, 
 	}
 }
 
+// commandTest is one run of the CLI against the fake API.
+type commandTest struct {
+	name       string
+	args       []string
+	exec       func(http.ResponseWriter, *http.Request, wire.ExecRequest)
+	wantOut    string // exact, unless wantOutHas is set
+	wantOutHas []string
+	wantErrOut string // substring of stderr
+	wantErr    string // substring of the error; "" for none
+	wantExit   int    // ExitCodeError code; 0 for none
+	wantReqs   []string
+}
+
+// TestCommands runs the commands of sandbox_test.go and snapshot_test.go.
 func TestCommands(t *testing.T) {
-	tests := []struct {
-		name       string
-		args       []string
-		exec       func(http.ResponseWriter, *http.Request, wire.ExecRequest)
-		wantOut    string // exact, unless wantOutHas is set
-		wantOutHas []string
-		wantErrOut string // substring of stderr
-		wantErr    string // substring of the error; "" for none
-		wantExit   int    // ExitCodeError code; 0 for none
-		wantReqs   []string
-	}{
+	tests := []commandTest{
 		{
 			name:     "create prints the id",
 			args:     []string{"sandbox", "create", "--template", "python", "--ttl", "60", "--env", "A=1=2", "--env", "B=", "--metadata", "team=x,y", "--cpu", "0.5", "--memory-mb", "256"},
@@ -199,10 +285,14 @@ func TestCommands(t *testing.T) {
 			wantErr: `parsing --env "NOVALUE": want KEY=VALUE`,
 		},
 		{
-			name:       "list prints a table, oldest first",
-			args:       []string{"sandbox", "list"},
-			wantOutHas: []string{"ID     TEMPLATE   STATE     EXPIRES\nsb-1   base       running   in 1h30m0s\n", "\nsb-2   base       running   in 1h30m0s\n"},
-			wantReqs:   []string{"GET /v1/sandboxes"},
+			name: "list prints a table, oldest first",
+			args: []string{"sandbox", "list"},
+			wantOutHas: []string{
+				"ID     TEMPLATE   STATE     EXPIRES\nsb-1   base       running   in 1h30m0s\n",
+				"\nsb-2   base       running   in 1h30m0s\n",
+				"\nsb-p   base       paused    -\n",
+			},
+			wantReqs: []string{"GET /v1/sandboxes"},
 		},
 		{
 			name:       "list --json",
@@ -306,6 +396,7 @@ func TestCommands(t *testing.T) {
 			},
 		},
 	}
+	tests = append(tests, snapshotCommandTests...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f, url := newFakeAPI(t)
@@ -337,8 +428,8 @@ func TestCommands(t *testing.T) {
 			if !strings.Contains(errOut, tt.wantErrOut) {
 				t.Errorf("stderr %q does not contain %q", errOut, tt.wantErrOut)
 			}
-			if tt.wantReqs != nil {
-				if got := f.requests(); !reflect.DeepEqual(got, tt.wantReqs) {
+			if tt.wantReqs != nil { // []string{} checks that no request was sent
+				if got := f.requests(); !slices.Equal(got, tt.wantReqs) {
 					t.Errorf("requests:\ngot  %q\nwant %q", got, tt.wantReqs)
 				}
 			}

@@ -46,6 +46,9 @@ type Config struct {
 	Mirror      string
 	// BuildTemplates builds missing templates in the background at start.
 	BuildTemplates bool
+	// CgroupParent is the cgroup under which sandboxes get theirs;
+	// "/pandastack" when empty.
+	CgroupParent   string
 	Sandbox        sandbox.Config
 	MaxOutputBytes int
 	Version        string
@@ -134,13 +137,14 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.MaxOutputBytes > 0 {
 		cfg.Sandbox.MaxOutputBytes = cfg.MaxOutputBytes
 	}
-	rt, err := gvisor.New(gvisor.Config{Runsc: runsc, StateDir: filepath.Join(cfg.DataDir, "runtime"), Log: log})
+	rt, err := gvisor.New(gvisor.Config{Runsc: runsc, StateDir: filepath.Join(cfg.DataDir, "runtime"), CgroupParent: cfg.CgroupParent, Log: log})
 	if err != nil {
 		return err
 	}
 	defer rt.Close()
 	mgr := sandbox.NewManager(sandbox.Options{
 		Config: cfg.Sandbox, Runtime: rt, Store: st, Templates: tpls, AgentBinary: agentBin, Log: log,
+		StateDir: cfg.DataDir,
 	})
 	if err := mgr.Start(ctx); err != nil {
 		return fmt.Errorf("starting sandbox manager: %w", err)

@@ -26,17 +26,20 @@ type hostCounts struct {
 	rssKB                                    int
 }
 
-func countHost(t *testing.T, dataDir string) hostCounts {
+func countHost(t *testing.T, s *daemontest.Server) hostCounts {
+	dataDir := s.DataDir
 	t.Helper()
 	var c hostCounts
-	if out, err := exec.Command("pgrep", "-c", "-f", "runsc-(sandbox|gofer)").Output(); err == nil {
+	// Only what belongs to this test's server: processes and mounts under
+	// its data directory, cgroups under its own parent.
+	if out, err := exec.Command("pgrep", "-c", "-f", "runsc-(sandbox|gofer).*"+dataDir).Output(); err == nil {
 		c.runscProcs, _ = strconv.Atoi(strings.TrimSpace(string(out)))
 	}
 	if b, err := os.ReadFile("/proc/self/mounts"); err == nil {
-		c.mounts = strings.Count(string(b), "\n")
+		c.mounts = strings.Count(string(b), dataDir)
 	}
 	for _, ctl := range []string{"memory", "pids", "cpu", "unified"} {
-		if es, err := os.ReadDir(filepath.Join("/sys/fs/cgroup", ctl, "pandastack")); err == nil {
+		if es, err := os.ReadDir(filepath.Join("/sys/fs/cgroup", ctl, s.CgroupParent)); err == nil {
 			for _, e := range es {
 				if e.IsDir() {
 					c.cgroups++
@@ -63,11 +66,11 @@ func countHost(t *testing.T, dataDir string) hostCounts {
 
 // settle waits until the counts come back to the baseline: teardown of a
 // sandbox finishes a little after its kill returns.
-func settle(t *testing.T, dataDir string, before hostCounts) hostCounts {
+func settle(t *testing.T, s *daemontest.Server, before hostCounts) hostCounts {
 	t.Helper()
 	var after hostCounts
 	for range 50 {
-		after = countHost(t, dataDir)
+		after = countHost(t, s)
 		if after.runscProcs <= before.runscProcs && after.mounts <= before.mounts &&
 			after.cgroups <= before.cgroups && after.sandboxDirs <= before.sandboxDirs &&
 			after.goroutines <= before.goroutines+20 && after.fds <= before.fds+10 {
@@ -109,7 +112,7 @@ func TestConcurrentClients(t *testing.T) {
 	// long-lived goroutines.
 	warm := s.Create(t, wire.CreateSandboxRequest{})
 	s.Do(t, "DELETE", "/v1/sandboxes/"+warm.ID, nil)
-	before := countHost(t, s.DataDir)
+	before := countHost(t, s)
 
 	const clients = 50
 	var wg sync.WaitGroup
@@ -180,7 +183,7 @@ func TestConcurrentClients(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.Contains(string(b), `"sandboxes":[]`) {
 		t.Errorf("sandboxes left: %s", b)
 	}
-	checkNoLeaks(t, before, settle(t, s.DataDir, before))
+	checkNoLeaks(t, before, settle(t, s, before))
 }
 
 // TestSoakNoLeaks creates and destroys many sandboxes (500 by default,
@@ -197,7 +200,7 @@ func TestSoakNoLeaks(t *testing.T) {
 	s := daemontest.Start(t, nil)
 	warm := s.Create(t, wire.CreateSandboxRequest{})
 	s.Do(t, "DELETE", "/v1/sandboxes/"+warm.ID, nil)
-	before := countHost(t, s.DataDir)
+	before := countHost(t, s)
 
 	const workers = 6
 	jobs := make(chan int)
@@ -253,7 +256,7 @@ func TestSoakNoLeaks(t *testing.T) {
 	if bad.Load() > 0 {
 		return
 	}
-	checkNoLeaks(t, before, settle(t, s.DataDir, before))
+	checkNoLeaks(t, before, settle(t, s, before))
 }
 
 // killSentry SIGKILLs the sandbox's runsc-sandbox process on the host, as

@@ -31,6 +31,8 @@ import (
 type Server struct {
 	URL, Key string
 	DataDir  string
+	// CgroupParent is the cgroup under which its sandboxes get theirs.
+	CgroupParent string
 }
 
 // Start starts a server; mut may adjust its configuration. The server and
@@ -46,9 +48,11 @@ func Start(t testing.TB, mut func(*daemon.Config)) *Server {
 	cfg := daemon.Config{
 		DataDir: dataDir, Listen: "127.0.0.1:0", Runsc: runsc, AgentBinary: testenv.Agent(t),
 		TemplateDir: testenv.TemplateDir(), Version: "test",
-		Sandbox: sandbox.Config{ReapInterval: 200 * time.Millisecond},
-		Log:     slog.New(slog.NewTextHandler(logw, nil)),
-		Ready:   func(a string) { addrc <- a },
+		// Its own cgroup parent, so tests can count what it leaves.
+		CgroupParent: fmt.Sprintf("/pandastack-test-%d-%d", os.Getpid(), time.Now().UnixNano()),
+		Sandbox:      sandbox.Config{ReapInterval: 200 * time.Millisecond},
+		Log:          slog.New(slog.NewTextHandler(logw, nil)),
+		Ready:        func(a string) { addrc <- a },
 	}
 	if mut != nil {
 		mut(&cfg)
@@ -71,6 +75,13 @@ func Start(t testing.TB, mut func(*daemon.Config)) *Server {
 		if err := <-errc; err != nil {
 			t.Errorf("server: %v", err)
 		}
+		// The server's (now empty) cgroup parents.
+		if ctls, err := os.ReadDir("/sys/fs/cgroup"); err == nil {
+			for _, c := range ctls {
+				_ = os.Remove(filepath.Join("/sys/fs/cgroup", c.Name(), cfg.CgroupParent))
+			}
+			_ = os.Remove(filepath.Join("/sys/fs/cgroup", cfg.CgroupParent))
+		}
 		if t.Failed() {
 			logw.mu.Lock()
 			t.Logf("server log:\n%s", logs.String())
@@ -81,7 +92,7 @@ func Start(t testing.TB, mut func(*daemon.Config)) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Server{URL: "http://" + addr, Key: strings.TrimSpace(string(key)), DataDir: dataDir}
+	return &Server{URL: "http://" + addr, Key: strings.TrimSpace(string(key)), DataDir: dataDir, CgroupParent: cfg.CgroupParent}
 }
 
 // syncWriter serialises writes from the server's goroutines.
@@ -176,7 +187,7 @@ func (s *Server) WithTenant(t testing.TB, tenant string) *Server {
 	if err := st.AddAPIKey(context.Background(), api.HashKey(key), tenant); err != nil {
 		t.Fatal(err)
 	}
-	return &Server{URL: s.URL, Key: key, DataDir: s.DataDir}
+	return &Server{URL: s.URL, Key: key, DataDir: s.DataDir, CgroupParent: s.CgroupParent}
 }
 
 // Client returns a Go SDK client for the server.

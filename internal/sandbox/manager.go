@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"regexp"
 	"sort"
 	"strings"
@@ -50,6 +51,15 @@ type Config struct {
 	// MaxOutputBytes caps each of stdout and stderr of one exec; the rest
 	// is dropped inside the sandbox and the result says truncated.
 	MaxOutputBytes int
+	// TemplateSnapshots makes creates restores of a per-template snapshot
+	// taken after the template's warm-up command, instead of cold boots.
+	TemplateSnapshots bool
+	// PoolSize is how many warm, unclaimed sandboxes to keep per template
+	// in PoolTemplates; a create with default limits takes one over.
+	PoolSize int
+	// PoolTemplates are the templates that get a pool and whose template
+	// snapshots are made at start.
+	PoolTemplates []string
 	// KeepOnShutdown leaves sandboxes running when the daemon stops, for
 	// the next daemon to re-adopt; by default they are destroyed.
 	KeepOnShutdown bool
@@ -114,6 +124,11 @@ type Store interface {
 	SetSandboxState(ctx context.Context, id, state string, ended bool) error
 	SetSandboxExpiry(ctx context.Context, id string, expires time.Time) error
 	PruneEnded(ctx context.Context, before time.Time) (int64, error)
+	SetSandboxPaused(ctx context.Context, id string, paused bool, bytes int64, expires time.Time) error
+	CreateSnapshot(ctx context.Context, sn store.Snapshot) error
+	GetSnapshot(ctx context.Context, tenant, id string) (store.Snapshot, error)
+	ListSnapshots(ctx context.Context, tenant string) ([]store.Snapshot, error)
+	DeleteSnapshot(ctx context.Context, tenant, id string) error
 }
 
 // Manager owns every running sandbox of this server. It is safe for
@@ -125,6 +140,7 @@ type Manager struct {
 	store     Store
 	templates Templates
 	agentBin  string
+	stateDir  string
 	log       *slog.Logger
 	now       func() time.Time
 
@@ -136,7 +152,20 @@ type Manager struct {
 	live map[string]*instance
 	// agents maps a template hash to the agent's path inside it.
 	agents map[string]string
-	closed bool
+	// pins counts restores in progress per snapshot id; -1 while the
+	// snapshot is being deleted.
+	pins map[string]int
+
+	// tplMu serialises the making of template snapshots.
+	tplMu sync.Mutex
+	// tplFailed records when a template snapshot last failed, by key.
+	tplFailed map[string]time.Time
+
+	poolMu sync.Mutex
+	// pool holds warm sandboxes per template name.
+	pool     map[string][]*pooled
+	poolKick chan struct{}
+	closed   bool
 }
 
 // instance is one live sandbox.
@@ -159,7 +188,9 @@ type Options struct {
 	Templates Templates
 	// AgentBinary is the host path of the agent, copied into templates.
 	AgentBinary string
-	Log         *slog.Logger
+	// StateDir holds snapshots and the saved state of paused sandboxes.
+	StateDir string
+	Log      *slog.Logger
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
 }
@@ -174,8 +205,9 @@ func NewManager(o Options) *Manager {
 	}
 	return &Manager{
 		cfg: o.Config.withDefaults(), rt: o.Runtime, store: o.Store, templates: o.Templates,
-		agentBin: o.AgentBinary, log: o.Log, now: o.Now,
-		live: make(map[string]*instance), agents: make(map[string]string),
+		agentBin: o.AgentBinary, stateDir: o.StateDir, log: o.Log, now: o.Now,
+		live: make(map[string]*instance), agents: make(map[string]string), pins: make(map[string]int),
+		tplFailed: make(map[string]time.Time), pool: make(map[string][]*pooled), poolKick: make(chan struct{}, 1),
 	}
 }
 
@@ -198,12 +230,22 @@ func (m *Manager) Start(ctx context.Context) error {
 	for _, id := range ids {
 		inRuntime[id] = true
 	}
-	recs, err := m.store.ListSandboxes(ctx, "", wire.StateCreating, wire.StateRunning)
+	recs, err := m.store.ListSandboxes(ctx, "", wire.StateCreating, wire.StateRunning, wire.StatePaused)
 	if err != nil {
 		return err
 	}
 	adopted := make(map[string]bool)
 	for _, r := range recs {
+		if r.State == wire.StatePaused {
+			// Paused sandboxes are kept: their saved state is on disk.
+			if _, err := os.Stat(m.pausedDir(r.ID)); err == nil {
+				m.mu.Lock()
+				m.live[r.ID] = &instance{id: r.ID, tenant: r.Tenant, rec: r, endedCh: make(chan struct{})}
+				m.mu.Unlock()
+				continue
+			}
+			m.log.Warn("paused sandbox lost its saved state", "id", r.ID)
+		}
 		if r.State == wire.StateRunning && inRuntime[r.ID] {
 			err := m.adopt(ctx, r)
 			if err == nil {
@@ -238,6 +280,21 @@ func (m *Manager) Start(ctx context.Context) error {
 	m.stop = cancel
 	m.reaperWG.Add(1)
 	go m.reaper(rctx)
+	if m.cfg.PoolSize > 0 {
+		m.reaperWG.Add(1)
+		go m.refillPools(rctx)
+	} else if m.cfg.TemplateSnapshots {
+		// Make the template snapshots now rather than in the first create.
+		m.reaperWG.Add(1)
+		go func() {
+			defer m.reaperWG.Done()
+			for _, name := range m.cfg.PoolTemplates {
+				if tpl, err := m.templates.Get(name); err == nil {
+					_, _ = m.templateImage(rctx, tpl)
+				}
+			}
+		}()
+	}
 	return nil
 }
 
@@ -315,6 +372,16 @@ func (m *Manager) reaper(ctx context.Context) {
 		}
 		m.mu.Unlock()
 		for _, in := range expired {
+			if in.rec.OnTimeout == wire.OnTimeoutPause {
+				m.log.Info("sandbox timed out: pausing", "id", in.id)
+				in.mu.Lock()
+				err := m.pauseLocked(ctx, in)
+				in.mu.Unlock()
+				if err == nil {
+					continue
+				}
+				m.log.Error("pausing timed-out sandbox; destroying it", "id", in.id, "err", err)
+			}
 			m.log.Info("sandbox expired", "id", in.id)
 			if err := m.end(ctx, in, wire.StateExpired); err != nil {
 				m.log.Error("destroying expired sandbox", "id", in.id, "err", err)
@@ -370,65 +437,147 @@ func newID() string {
 
 // Create starts a sandbox for tenant and returns it running.
 func (m *Manager) Create(ctx context.Context, tenant string, req wire.CreateSandboxRequest) (wire.Sandbox, error) {
-	if req.Template == "" {
-		req.Template = "base"
+	var snap *store.Snapshot
+	if req.SnapshotID != "" {
+		sn, err := m.store.GetSnapshot(ctx, tenant, req.SnapshotID)
+		if err != nil {
+			return wire.Sandbox{}, err
+		}
+		if req.Template != "" && req.Template != sn.Template {
+			return wire.Sandbox{}, errdefs.Invalid("snapshot %s is of template %q, not %q", sn.ID, sn.Template, req.Template)
+		}
+		req.Template = sn.Template
+		if req.CPU == 0 {
+			req.CPU = sn.CPU
+		}
+		if req.MemoryMB == 0 {
+			req.MemoryMB = sn.MemoryMB
+		}
+		req.Env = mergeMaps(sn.Env, req.Env)
+		snap = &sn
 	}
-	ttl, err := m.ttl(req.TTLSeconds, true)
+	p, err := m.params(req)
 	if err != nil {
 		return wire.Sandbox{}, err
 	}
-	cpu := req.CPU
-	if cpu == 0 {
-		cpu = m.cfg.DefaultCPU
+	if snap == nil {
+		return m.launch(ctx, tenant, p, "")
 	}
-	if cpu < 0.05 || cpu > m.cfg.MaxCPU {
-		return wire.Sandbox{}, errdefs.Invalid("cpu must be between 0.05 and %g, got %g", m.cfg.MaxCPU, req.CPU)
+	// Pin the snapshot so it cannot be deleted while it is restored.
+	if !m.pin(snap.ID) {
+		return wire.Sandbox{}, errdefs.NotFound("snapshot %q not found", snap.ID)
 	}
-	mem := req.MemoryMB
-	if mem == 0 {
-		mem = m.cfg.DefaultMemoryMB
+	defer m.unpin(snap.ID)
+	return m.launch(ctx, tenant, p, m.snapshotDir(snap.ID))
+}
+
+// params are the validated settings of a sandbox to launch.
+type params struct {
+	template  string
+	ttl       time.Duration
+	cpu       float64
+	memMB     int
+	env       map[string]string
+	metadata  map[string]string
+	onTimeout string
+}
+
+func (m *Manager) params(req wire.CreateSandboxRequest) (params, error) {
+	p := params{template: req.Template, cpu: req.CPU, memMB: req.MemoryMB, env: req.Env, metadata: req.Metadata, onTimeout: req.OnTimeout}
+	if p.template == "" {
+		p.template = "base"
 	}
-	if mem < 64 || mem > m.cfg.MaxMemoryMB {
-		return wire.Sandbox{}, errdefs.Invalid("memory_mb must be between 64 and %d, got %d", m.cfg.MaxMemoryMB, req.MemoryMB)
+	var err error
+	if p.ttl, err = m.ttl(req.TTLSeconds, true); err != nil {
+		return params{}, err
 	}
-	if err := checkEnv(req.Env); err != nil {
-		return wire.Sandbox{}, err
+	if p.cpu == 0 {
+		p.cpu = m.cfg.DefaultCPU
 	}
-	if len(req.Metadata) > 64 {
-		return wire.Sandbox{}, errdefs.Invalid("metadata has %d keys; at most 64 are allowed", len(req.Metadata))
+	if p.cpu < 0.05 || p.cpu > m.cfg.MaxCPU {
+		return params{}, errdefs.Invalid("cpu must be between 0.05 and %g, got %g", m.cfg.MaxCPU, req.CPU)
 	}
-	for k, v := range req.Metadata {
+	if p.memMB == 0 {
+		p.memMB = m.cfg.DefaultMemoryMB
+	}
+	if p.memMB < 64 || p.memMB > m.cfg.MaxMemoryMB {
+		return params{}, errdefs.Invalid("memory_mb must be between 64 and %d, got %d", m.cfg.MaxMemoryMB, req.MemoryMB)
+	}
+	if err := checkEnv(p.env); err != nil {
+		return params{}, err
+	}
+	if len(p.metadata) > 64 {
+		return params{}, errdefs.Invalid("metadata has %d keys; at most 64 are allowed", len(p.metadata))
+	}
+	for k, v := range p.metadata {
 		if len(k) == 0 || len(k) > 256 || len(v) > 4096 {
-			return wire.Sandbox{}, errdefs.Invalid("metadata key %q: keys must be 1-256 bytes and values at most 4096", k)
+			return params{}, errdefs.Invalid("metadata key %q: keys must be 1-256 bytes and values at most 4096", k)
 		}
 	}
-	tpl, err := m.templates.Get(req.Template)
-	if err != nil {
-		return wire.Sandbox{}, err
+	switch p.onTimeout {
+	case "":
+		p.onTimeout = wire.OnTimeoutKill
+	case wire.OnTimeoutKill, wire.OnTimeoutPause:
+	default:
+		return params{}, errdefs.Invalid("on_timeout must be %q or %q, got %q", wire.OnTimeoutKill, wire.OnTimeoutPause, p.onTimeout)
 	}
-	agentPath, err := m.agentIn(tpl)
-	if err != nil {
-		return wire.Sandbox{}, err
+	if p.metadata == nil {
+		p.metadata = map[string]string{}
 	}
+	if p.env == nil {
+		p.env = map[string]string{}
+	}
+	return p, nil
+}
 
-	now := m.now().UTC()
-	if req.Metadata == nil {
-		req.Metadata = map[string]string{}
+// launch starts a sandbox for tenant: booted fresh from its template when
+// image is empty, restored from the checkpoint image otherwise.
+func (m *Manager) launch(ctx context.Context, tenant string, p params, image string) (wire.Sandbox, error) {
+	tpl, err := m.templates.Get(p.template)
+	if err != nil {
+		return wire.Sandbox{}, err
 	}
+	// A warm pool member is a hand-over; otherwise a restore of the
+	// template's snapshot, or a cold boot.
+	var warm *pooled
+	if image == "" && m.cfg.PoolSize > 0 && p.cpu == m.cfg.DefaultCPU && p.memMB == m.cfg.DefaultMemoryMB {
+		warm = m.takePooled(tpl.Name)
+	}
+	if warm == nil && image == "" && m.cfg.TemplateSnapshots {
+		image, _ = m.templateImage(ctx, tpl)
+	}
+	now := m.now().UTC()
 	in := &instance{
 		id: newID(), tenant: tenant, endedCh: make(chan struct{}),
 	}
+	if warm != nil {
+		in.id = warm.id
+	}
 	in.rec = store.Sandbox{
 		ID: in.id, Tenant: tenant, Template: tpl.Name, State: wire.StateCreating,
-		CreatedAt: now, ExpiresAt: now.Add(ttl), Metadata: req.Metadata, CPU: cpu, MemoryMB: mem,
+		CreatedAt: now, ExpiresAt: now.Add(p.ttl), Metadata: p.metadata, CPU: p.cpu, MemoryMB: p.memMB,
+		Env: p.env, OnTimeout: p.onTimeout, TTLSeconds: int(p.ttl / time.Second),
+	}
+	discardWarm := func() {
+		if warm != nil {
+			warm.client.Close()
+			_ = m.rt.Delete(context.WithoutCancel(ctx), warm.id)
+		}
+	}
+	spec, err := m.spec(in.rec)
+	if err != nil {
+		discardWarm()
+		return wire.Sandbox{}, err
 	}
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
+		discardWarm()
 		return wire.Sandbox{}, errdefs.Unavailable("server is shutting down")
 	}
 	if len(m.live) >= m.cfg.MaxSandboxes {
 		m.mu.Unlock()
+		discardWarm()
 		return wire.Sandbox{}, errdefs.New(errdefs.ErrQuota, "server is at its limit of %d sandboxes", m.cfg.MaxSandboxes)
 	}
 	m.live[in.id] = in
@@ -443,24 +592,13 @@ func (m *Manager) Create(ctx context.Context, tenant string, req wire.CreateSand
 	defer cancel()
 	if err := m.store.CreateSandbox(cctx, in.rec); err != nil {
 		m.forget(in)
+		discardWarm()
 		return wire.Sandbox{}, err
 	}
-	spec := runtime.Spec{
-		ID:        in.id,
-		Hostname:  in.id,
-		RootfsDir: tpl.Rootfs,
-		Init:      []string{agentPath},
-		Env:       append(append([]string{}, baseEnv...), envList(req.Env)...),
-		Limits: runtime.Limits{
-			CPU:         cpu,
-			MemoryBytes: int64(mem) << 20,
-			Pids:        int64(m.cfg.Pids),
-			DiskBytes:   int64(m.cfg.DiskMB) << 20,
-			TmpBytes:    int64(m.cfg.TmpMB) << 20,
-		},
-	}
-	client, err := m.boot(cctx, spec)
-	if err != nil {
+	var client *agent.Client
+	if warm != nil {
+		client = warm.client
+	} else if client, err = m.boot(cctx, spec, image); err != nil {
 		m.forget(in)
 		_ = m.store.SetSandboxState(context.WithoutCancel(ctx), in.id, wire.StateFailed, true)
 		return wire.Sandbox{}, err
@@ -474,15 +612,64 @@ func (m *Manager) Create(ctx context.Context, tenant string, req wire.CreateSand
 		return wire.Sandbox{}, err
 	}
 	go m.watch(in, client)
-	m.log.Info("sandbox created", "id", in.id, "tenant", tenant, "template", tpl.Name)
+	m.log.Info("sandbox created", "id", in.id, "tenant", tenant, "template", tpl.Name, "restored", image != "", "pooled", warm != nil)
 	return toWire(in.rec), nil
 }
 
-// boot starts the sandbox and waits for its agent; on error nothing of it
-// is left.
-func (m *Manager) boot(ctx context.Context, spec runtime.Spec) (*agent.Client, error) {
-	if err := m.rt.Start(ctx, spec); err != nil {
-		return nil, errdefs.Unavailable("starting sandbox: %v", err)
+// spec is the runtime spec of a sandbox record.
+func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
+	tpl, err := m.templates.Get(r.Template)
+	if err != nil {
+		return runtime.Spec{}, err
+	}
+	agentPath, err := m.agentIn(tpl)
+	if err != nil {
+		return runtime.Spec{}, err
+	}
+	return runtime.Spec{
+		ID:        r.ID,
+		Hostname:  r.ID,
+		RootfsDir: tpl.Rootfs,
+		Init:      []string{agentPath},
+		Env:       append(append([]string{}, baseEnv...), envList(r.Env)...),
+		Limits: runtime.Limits{
+			CPU:         r.CPU,
+			MemoryBytes: int64(r.MemoryMB) << 20,
+			Pids:        int64(m.cfg.Pids),
+			DiskBytes:   int64(m.cfg.DiskMB) << 20,
+			// /tmp is memory: capped below the memory limit, filling it
+			// is ENOSPC rather than an OOM kill of the sandbox.
+			TmpBytes: int64(min(m.cfg.TmpMB, r.MemoryMB/2)) << 20,
+		},
+	}, nil
+}
+
+func mergeMaps(a, b map[string]string) map[string]string {
+	out := make(map[string]string, len(a)+len(b))
+	for k, v := range a {
+		out[k] = v
+	}
+	for k, v := range b {
+		out[k] = v
+	}
+	return out
+}
+
+// boot starts the sandbox (or restores it from image) and waits for its
+// agent; on error nothing of it is left.
+func (m *Manager) boot(ctx context.Context, spec runtime.Spec, image string) (*agent.Client, error) {
+	if image == "" {
+		if err := m.rt.Start(ctx, spec); err != nil {
+			return nil, errdefs.Unavailable("starting sandbox: %v", err)
+		}
+	} else {
+		cp, err := m.checkpointer()
+		if err != nil {
+			return nil, err
+		}
+		if err := cp.Restore(ctx, spec, image); err != nil {
+			return nil, errdefs.Unavailable("restoring sandbox: %v", err)
+		}
 	}
 	client, err := m.connect(ctx, spec.ID)
 	if err != nil {
@@ -540,9 +727,11 @@ func (m *Manager) watch(in *instance, client *agent.Client) {
 		return
 	}
 	in.mu.Lock()
-	ending := in.ending
+	// A pause replaces the client on purpose; only the end of the current
+	// session of a sandbox nobody is ending is a death.
+	ours := in.ending || in.client != client
 	in.mu.Unlock()
-	if ending {
+	if ours {
 		return
 	}
 	m.log.Warn("sandbox died", "id", in.id)
@@ -568,6 +757,9 @@ func (m *Manager) end(ctx context.Context, in *instance, state string) error {
 		client.Close()
 	}
 	err := m.rt.Delete(ctx, in.id)
+	if rerr := os.RemoveAll(m.pausedDir(in.id)); rerr != nil {
+		err = errors.Join(err, rerr)
+	}
 	m.forget(in)
 	if serr := m.store.SetSandboxState(ctx, in.id, state, true); serr != nil {
 		err = errors.Join(err, serr)
@@ -594,10 +786,15 @@ func (m *Manager) Get(ctx context.Context, tenant, id string) (wire.Sandbox, err
 	}
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if in.ending || in.rec.State != wire.StateRunning {
+	if !in.visible() {
 		return wire.Sandbox{}, errdefs.NotFound("sandbox %q not found", id)
 	}
 	return toWire(in.rec), nil
+}
+
+// visible reports whether the API shows the sandbox; the caller holds in.mu.
+func (in *instance) visible() bool {
+	return !in.ending && (in.rec.State == wire.StateRunning || in.rec.State == wire.StatePaused)
 }
 
 // List returns the tenant's running sandboxes, oldest first.
@@ -613,7 +810,7 @@ func (m *Manager) List(ctx context.Context, tenant string) ([]wire.Sandbox, erro
 	out := make([]wire.Sandbox, 0, len(ins))
 	for _, in := range ins {
 		in.mu.Lock()
-		if !in.ending && in.rec.State == wire.StateRunning {
+		if in.visible() {
 			out = append(out, toWire(in.rec))
 		}
 		in.mu.Unlock()
@@ -666,7 +863,7 @@ func (m *Manager) SetTimeout(ctx context.Context, tenant, id string, ttlSeconds 
 	}
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if in.ending || in.rec.State != wire.StateRunning {
+	if !in.visible() {
 		return wire.Sandbox{}, errdefs.NotFound("sandbox %q not found", id)
 	}
 	exp := m.now().UTC().Add(ttl)
@@ -674,6 +871,8 @@ func (m *Manager) SetTimeout(ctx context.Context, tenant, id string, ttlSeconds 
 		return wire.Sandbox{}, err
 	}
 	in.rec.ExpiresAt = exp
+	// A resume restarts the TTL with this value too.
+	in.rec.TTLSeconds = ttlSeconds
 	return toWire(in.rec), nil
 }
 
@@ -693,11 +892,15 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 		return wire.ExecResult{}, err
 	}
 	in.mu.Lock()
-	client, ending := in.client, in.ending
-	in.mu.Unlock()
-	if ending || client == nil {
-		return wire.ExecResult{}, errdefs.NotFound("sandbox %q not found", id)
+	if err := m.ensureRunning(ctx, in); err != nil {
+		in.mu.Unlock()
+		return wire.ExecResult{}, err
 	}
+	client := in.client
+	// The sandbox's own env applies to every command, also after a restore
+	// whose agent started with another sandbox's environment.
+	areq.Env = envList(mergeMaps(in.rec.Env, req.Env))
+	in.mu.Unlock()
 	eio := agent.ExecIO{
 		Stdout: func(b []byte) error { return out(wire.EventStdout, b) },
 		Stderr: func(b []byte) error { return out(wire.EventStderr, b) },
@@ -713,7 +916,7 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 			return wire.ExecResult{}, fmt.Errorf("running command: %w", err)
 		}
 		in.mu.Lock()
-		ending = in.ending
+		ending := in.ending
 		in.mu.Unlock()
 		if ending || errors.Is(err, agent.ErrSessionClosed) {
 			return wire.ExecResult{}, errdefs.Conflict("sandbox %q stopped while the command ran", id)
@@ -776,6 +979,6 @@ func toWire(r store.Sandbox) wire.Sandbox {
 	}
 	return wire.Sandbox{
 		ID: r.ID, Template: r.Template, State: r.State, CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt,
-		Metadata: md, CPU: r.CPU, MemoryMB: r.MemoryMB,
+		Metadata: md, CPU: r.CPU, MemoryMB: r.MemoryMB, OnTimeout: r.OnTimeout, PausedBytes: r.PausedBytes,
 	}
 }

@@ -306,3 +306,19 @@ func TestCreateValidation(t *testing.T) {
 		t.Errorf("List after refused creates: got %v, %v, want none", l, err)
 	}
 }
+
+func (u *untouchable) SetSandboxPaused(context.Context, string, bool, int64, time.Time) error {
+	return u.record("store.SetSandboxPaused")
+}
+func (u *untouchable) CreateSnapshot(context.Context, store.Snapshot) error {
+	return u.record("store.CreateSnapshot")
+}
+func (u *untouchable) GetSnapshot(context.Context, string, string) (store.Snapshot, error) {
+	return store.Snapshot{}, u.record("store.GetSnapshot")
+}
+func (u *untouchable) ListSnapshots(context.Context, string) ([]store.Snapshot, error) {
+	return nil, u.record("store.ListSnapshots")
+}
+func (u *untouchable) DeleteSnapshot(context.Context, string, string) error {
+	return u.record("store.DeleteSnapshot")
+}

@@ -1,6 +1,6 @@
 // Package pandastack is the Go client of the PandaStack HTTP API (docs/API.md):
 // create sandboxes, run commands in them with blocking or streamed output,
-// extend their lifetime and kill them.
+// extend their lifetime and kill them; snapshot, fork, pause and resume them.
 //
 //	c, err := pandastack.NewClient()
 //	sb, err := c.Create(ctx, pandastack.CreateOptions{Template: "base"})
@@ -151,6 +151,14 @@ type CreateOptions struct {
 	CPU float64
 	// MemoryMB is the memory limit in MiB.
 	MemoryMB int
+	// SnapshotID starts the sandbox from a snapshot (see Sandbox.Snapshot)
+	// instead of a fresh boot: its processes continue where the snapshot
+	// left them. Template must then be empty or the snapshot's template.
+	SnapshotID string
+	// OnTimeout is what the TTL does: wire.OnTimeoutKill (the server's
+	// default) or wire.OnTimeoutPause, which keeps the sandbox paused until
+	// it is resumed or killed.
+	OnTimeout string
 }
 
 // Create starts a sandbox and returns it once it is running. The caller owns
@@ -163,6 +171,8 @@ func (c *Client) Create(ctx context.Context, opts CreateOptions) (*Sandbox, erro
 		Metadata:   opts.Metadata,
 		CPU:        opts.CPU,
 		MemoryMB:   opts.MemoryMB,
+		SnapshotID: opts.SnapshotID,
+		OnTimeout:  opts.OnTimeout,
 	}
 	var info wire.Sandbox
 	if err := c.do(ctx, http.MethodPost, "/sandboxes", req, &info, http.StatusCreated); err != nil {
@@ -171,9 +181,26 @@ func (c *Client) Create(ctx context.Context, opts CreateOptions) (*Sandbox, erro
 	return &Sandbox{c: c, id: info.ID, info: info}, nil
 }
 
-// Connect returns the existing sandbox id; it fails with ErrNotFound when
-// there is none (or it belongs to another tenant).
+// Connect returns the existing sandbox id, ready for use: a paused sandbox
+// is resumed first. It fails with ErrNotFound when there is none (or it
+// belongs to another tenant).
 func (c *Client) Connect(ctx context.Context, id string) (*Sandbox, error) {
+	sb, err := c.Get(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if sb.Info().State == wire.StatePaused {
+		if err := sb.Resume(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return sb, nil
+}
+
+// Get returns the existing sandbox id as it is: unlike Connect, it leaves a
+// paused sandbox paused, for callers that only inspect, pause or kill it. It
+// fails with ErrNotFound when there is none.
+func (c *Client) Get(ctx context.Context, id string) (*Sandbox, error) {
 	sb := &Sandbox{c: c, id: id}
 	if err := sb.Refresh(ctx); err != nil {
 		return nil, err
@@ -181,7 +208,7 @@ func (c *Client) Connect(ctx context.Context, id string) (*Sandbox, error) {
 	return sb, nil
 }
 
-// List returns the caller's running sandboxes.
+// List returns the caller's sandboxes, running and paused.
 func (c *Client) List(ctx context.Context) ([]wire.Sandbox, error) {
 	var l wire.SandboxList
 	if err := c.do(ctx, http.MethodGet, "/sandboxes", nil, &l, http.StatusOK); err != nil {

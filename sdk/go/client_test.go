@@ -34,12 +34,15 @@ type fakeServer struct {
 		body                       []byte
 	}
 	sandboxes map[string]wire.Sandbox
+	snapshots map[string]wire.Snapshot
+	// made counts the sandboxes created, for their ids.
+	made int
 	// exec answers an exec request whose body has been decoded.
 	exec func(w http.ResponseWriter, r *http.Request, req wire.ExecRequest)
 }
 
 func newFakeServer(t *testing.T) (*fakeServer, *httptest.Server) {
-	f := &fakeServer{t: t, sandboxes: map[string]wire.Sandbox{}}
+	f := &fakeServer{t: t, sandboxes: map[string]wire.Sandbox{}, snapshots: map[string]wire.Snapshot{}}
 	srv := httptest.NewServer(f.handler())
 	t.Cleanup(srv.Close)
 	return f, srv
@@ -79,20 +82,101 @@ func (f *fakeServer) handler() http.Handler {
 		if !decode(w, f.last.body, &req) {
 			return
 		}
+		if req.SnapshotID != "" {
+			snap, ok := f.snapshots[req.SnapshotID]
+			if !ok {
+				writeError(w, http.StatusNotFound, wire.CodeNotFound, fmt.Sprintf("snapshot %q not found", req.SnapshotID))
+				return
+			}
+			if req.Template == "" {
+				req.Template = snap.Template
+			}
+		}
 		if req.Template == "" {
 			req.Template = "base"
 		}
-		if req.TTLSeconds == 0 {
-			req.TTLSeconds = 300
+		if req.OnTimeout == "" {
+			req.OnTimeout = wire.OnTimeoutKill
 		}
-		now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
-		sb := wire.Sandbox{
-			ID: fmt.Sprintf("sb-%d", len(f.sandboxes)+1), Template: req.Template, State: wire.StateRunning,
-			CreatedAt: now, ExpiresAt: now.Add(time.Duration(req.TTLSeconds) * time.Second),
-			Metadata: req.Metadata, CPU: req.CPU, MemoryMB: req.MemoryMB,
-		}
+		sb := f.newSandbox(req.Template, req.TTLSeconds, req.OnTimeout)
+		sb.Metadata, sb.CPU, sb.MemoryMB = req.Metadata, req.CPU, req.MemoryMB
 		f.sandboxes[sb.ID] = sb
 		writeJSON(w, http.StatusCreated, sb)
+	})
+	mux.HandleFunc("POST /v1/sandboxes/{id}/snapshot", func(w http.ResponseWriter, r *http.Request) {
+		sb, ok := f.lookup(w, r)
+		if !ok {
+			return
+		}
+		snap := wire.Snapshot{
+			ID: fmt.Sprintf("snap-%d", len(f.snapshots)+1), SourceSandbox: sb.ID, Template: sb.Template,
+			SizeBytes: 4096, CreatedAt: sb.CreatedAt,
+		}
+		f.snapshots[snap.ID] = snap
+		writeJSON(w, http.StatusCreated, snap)
+	})
+	mux.HandleFunc("POST /v1/sandboxes/{id}/fork", func(w http.ResponseWriter, r *http.Request) {
+		parent, ok := f.lookup(w, r)
+		if !ok {
+			return
+		}
+		var req wire.ForkRequest
+		if !decode(w, f.last.body, &req) {
+			return
+		}
+		if req.Count == 0 {
+			req.Count = 1
+		}
+		if req.Count < 1 || req.Count > 16 {
+			writeError(w, http.StatusBadRequest, wire.CodeInvalid, "count must be 1 to 16")
+			return
+		}
+		if req.TTLSeconds == 0 {
+			req.TTLSeconds = int(parent.ExpiresAt.Sub(parent.CreatedAt).Seconds())
+		}
+		resp := wire.ForkResponse{Sandboxes: []wire.Sandbox{}}
+		for range req.Count {
+			sb := f.newSandbox(parent.Template, req.TTLSeconds, parent.OnTimeout)
+			f.sandboxes[sb.ID] = sb
+			resp.Sandboxes = append(resp.Sandboxes, sb)
+		}
+		writeJSON(w, http.StatusCreated, resp)
+	})
+	for _, action := range []string{"pause", "resume"} {
+		mux.HandleFunc("POST /v1/sandboxes/{id}/"+action, func(w http.ResponseWriter, r *http.Request) {
+			sb, ok := f.lookup(w, r)
+			if !ok {
+				return
+			}
+			if len(f.last.body) != 0 {
+				writeError(w, http.StatusBadRequest, wire.CodeInvalid, "no body expected")
+				return
+			}
+			sb.State, sb.PausedBytes = wire.StateRunning, 0
+			if action == "pause" {
+				sb.State, sb.PausedBytes = wire.StatePaused, 1<<20
+			}
+			f.sandboxes[sb.ID] = sb
+			writeJSON(w, http.StatusOK, sb)
+		})
+	}
+	mux.HandleFunc("GET /v1/snapshots", func(w http.ResponseWriter, r *http.Request) {
+		l := wire.SnapshotList{Snapshots: []wire.Snapshot{}}
+		for _, snap := range f.snapshots {
+			l.Snapshots = append(l.Snapshots, snap)
+		}
+		writeJSON(w, http.StatusOK, l)
+	})
+	mux.HandleFunc("GET /v1/snapshots/{id}", func(w http.ResponseWriter, r *http.Request) {
+		if snap, ok := f.lookupSnapshot(w, r); ok {
+			writeJSON(w, http.StatusOK, snap)
+		}
+	})
+	mux.HandleFunc("DELETE /v1/snapshots/{id}", func(w http.ResponseWriter, r *http.Request) {
+		if snap, ok := f.lookupSnapshot(w, r); ok {
+			delete(f.snapshots, snap.ID)
+			w.WriteHeader(http.StatusNoContent)
+		}
 	})
 	mux.HandleFunc("GET /v1/sandboxes", func(w http.ResponseWriter, r *http.Request) {
 		var l wire.SandboxList
@@ -164,6 +248,29 @@ func (f *fakeServer) lookup(w http.ResponseWriter, r *http.Request) (wire.Sandbo
 		writeError(w, http.StatusNotFound, wire.CodeNotFound, fmt.Sprintf("sandbox %q not found", r.PathValue("id")))
 	}
 	return sb, ok
+}
+
+func (f *fakeServer) lookupSnapshot(w http.ResponseWriter, r *http.Request) (wire.Snapshot, bool) {
+	snap, ok := f.snapshots[r.PathValue("id")]
+	if !ok {
+		writeError(w, http.StatusNotFound, wire.CodeNotFound, fmt.Sprintf("snapshot %q not found", r.PathValue("id")))
+	}
+	return snap, ok
+}
+
+// newSandbox returns a running sandbox with the next id; the caller stores
+// it. Ids count every sandbox made, so killed ones are not reused.
+func (f *fakeServer) newSandbox(template string, ttlSeconds int, onTimeout string) wire.Sandbox {
+	if ttlSeconds == 0 {
+		ttlSeconds = 300
+	}
+	f.made++
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	return wire.Sandbox{
+		ID: fmt.Sprintf("sb-%d", f.made), Template: template, State: wire.StateRunning,
+		CreatedAt: now, ExpiresAt: now.Add(time.Duration(ttlSeconds) * time.Second),
+		OnTimeout: onTimeout,
+	}
 }
 
 // newTestClient returns a client of srv that finds no key on its own.
@@ -329,6 +436,96 @@ func TestRequests(t *testing.T) {
 			call:       func(_ *Client, sb *Sandbox) error { return sb.Kill(ctx) },
 			wantMethod: "DELETE", wantPath: "/v1/sandboxes/sb-1", wantAuth: "Bearer " + testKey,
 		},
+		{
+			name:       "snapshot",
+			call:       func(_ *Client, sb *Sandbox) error { _, err := sb.Snapshot(ctx); return err },
+			wantMethod: "POST", wantPath: "/v1/sandboxes/sb-1/snapshot", wantAuth: "Bearer " + testKey,
+		},
+		{
+			name: "create from a snapshot, pausing at the TTL",
+			call: func(c *Client, sb *Sandbox) error {
+				snap, err := sb.Snapshot(ctx)
+				if err != nil {
+					return err
+				}
+				_, err = c.Create(ctx, CreateOptions{SnapshotID: snap.ID, OnTimeout: wire.OnTimeoutPause})
+				return err
+			},
+			wantMethod: "POST", wantPath: "/v1/sandboxes", wantAuth: "Bearer " + testKey,
+			wantBody: `{"snapshot_id":"snap-1","on_timeout":"pause"}`,
+		},
+		{
+			name: "fork with every option",
+			call: func(_ *Client, sb *Sandbox) error {
+				_, err := sb.Fork(ctx, ForkOptions{Count: 3, TTL: 1500 * time.Millisecond})
+				return err
+			},
+			wantMethod: "POST", wantPath: "/v1/sandboxes/sb-1/fork", wantAuth: "Bearer " + testKey,
+			wantBody: `{"count":3,"ttl_seconds":2}`,
+		},
+		{
+			name:       "fork with defaults",
+			call:       func(_ *Client, sb *Sandbox) error { _, err := sb.Fork(ctx, ForkOptions{}); return err },
+			wantMethod: "POST", wantPath: "/v1/sandboxes/sb-1/fork", wantAuth: "Bearer " + testKey, wantBody: `{}`,
+		},
+		{
+			name:       "pause",
+			call:       func(_ *Client, sb *Sandbox) error { return sb.Pause(ctx) },
+			wantMethod: "POST", wantPath: "/v1/sandboxes/sb-1/pause", wantAuth: "Bearer " + testKey,
+		},
+		{
+			name:       "resume",
+			call:       func(_ *Client, sb *Sandbox) error { return sb.Resume(ctx) },
+			wantMethod: "POST", wantPath: "/v1/sandboxes/sb-1/resume", wantAuth: "Bearer " + testKey,
+		},
+		{
+			name: "connect resumes a paused sandbox",
+			call: func(c *Client, sb *Sandbox) error {
+				if err := sb.Pause(ctx); err != nil {
+					return err
+				}
+				_, err := c.Connect(ctx, sb.ID())
+				return err
+			},
+			wantMethod: "POST", wantPath: "/v1/sandboxes/sb-1/resume", wantAuth: "Bearer " + testKey,
+		},
+		{
+			name: "get leaves a paused sandbox paused",
+			call: func(c *Client, sb *Sandbox) error {
+				if err := sb.Pause(ctx); err != nil {
+					return err
+				}
+				_, err := c.Get(ctx, sb.ID())
+				return err
+			},
+			wantMethod: "GET", wantPath: "/v1/sandboxes/sb-1", wantAuth: "Bearer " + testKey,
+		},
+		{
+			name:       "list snapshots",
+			call:       func(c *Client, _ *Sandbox) error { _, err := c.Snapshots(ctx); return err },
+			wantMethod: "GET", wantPath: "/v1/snapshots", wantAuth: "Bearer " + testKey,
+		},
+		{
+			name: "get a snapshot",
+			call: func(c *Client, sb *Sandbox) error {
+				if _, err := sb.Snapshot(ctx); err != nil {
+					return err
+				}
+				_, err := c.Snapshot(ctx, "snap-1")
+				return err
+			},
+			wantMethod: "GET", wantPath: "/v1/snapshots/snap-1", wantAuth: "Bearer " + testKey,
+		},
+		{
+			name: "delete a snapshot",
+			call: func(c *Client, sb *Sandbox) error {
+				if _, err := sb.Snapshot(ctx); err != nil {
+					return err
+				}
+				return c.DeleteSnapshot(ctx, "snap-1")
+			},
+			wantMethod: "DELETE", wantPath: "/v1/snapshots/snap-1", wantAuth: "Bearer " + testKey,
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -430,6 +627,125 @@ func TestSandboxLifecycle(t *testing.T) {
 	tpls, err := c.Templates(ctx)
 	if err != nil || len(tpls) != 1 || tpls[0].Name != "base" || !tpls[0].Ready {
 		t.Errorf("Templates: got %+v, %v", tpls, err)
+	}
+}
+
+// TestSnapshotForkPause checks that the answers of the snapshot, fork, pause
+// and resume calls are decoded into handles and values.
+func TestSnapshotForkPause(t *testing.T) {
+	ctx := context.Background()
+	f, srv := newFakeServer(t)
+	c := newTestClient(t, srv, WithAPIKey(testKey))
+
+	sb, err := c.Create(ctx, CreateOptions{Template: "python", TTL: time.Minute, OnTimeout: wire.OnTimeoutPause})
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	if got := sb.Info().OnTimeout; got != wire.OnTimeoutPause {
+		t.Errorf("OnTimeout: got %q, want %q", got, wire.OnTimeoutPause)
+	}
+
+	snap, err := sb.Snapshot(ctx)
+	if err != nil {
+		t.Fatalf("Snapshot: %v", err)
+	}
+	want := wire.Snapshot{ID: "snap-1", SourceSandbox: "sb-1", Template: "python", SizeBytes: 4096, CreatedAt: sb.Info().CreatedAt}
+	if snap != want {
+		t.Errorf("Snapshot: got %+v, want %+v", snap, want)
+	}
+	if got, err := c.Snapshot(ctx, snap.ID); err != nil || got != want {
+		t.Errorf("Client.Snapshot: got %+v, %v; want %+v", got, err, want)
+	}
+	if l, err := c.Snapshots(ctx); err != nil || len(l) != 1 || l[0] != want {
+		t.Errorf("Snapshots: got %+v, %v; want [%+v]", l, err, want)
+	}
+	restored, err := c.Create(ctx, CreateOptions{SnapshotID: snap.ID})
+	if err != nil {
+		t.Fatalf("Create from snapshot: %v", err)
+	}
+	if info := restored.Info(); restored.ID() != "sb-2" || info.Template != "python" || info.State != wire.StateRunning {
+		t.Errorf("Create from snapshot: got id %q info %+v", restored.ID(), info)
+	}
+
+	forks, err := sb.Fork(ctx, ForkOptions{Count: 2, TTL: 30 * time.Second})
+	if err != nil {
+		t.Fatalf("Fork: %v", err)
+	}
+	var ids []string
+	for _, fk := range forks {
+		ids = append(ids, fk.ID())
+		info := fk.Info()
+		if info.ID != fk.ID() || info.State != wire.StateRunning || info.ExpiresAt.Sub(info.CreatedAt) != 30*time.Second {
+			t.Errorf("fork %s: info %+v", fk.ID(), info)
+		}
+	}
+	if want := []string{"sb-3", "sb-4"}; !reflect.DeepEqual(ids, want) {
+		t.Errorf("fork ids: got %q, want %q", ids, want)
+	}
+	if err := forks[1].Kill(ctx); err != nil {
+		t.Errorf("killing a fork: %v", err)
+	}
+	if _, err := sb.Fork(ctx, ForkOptions{Count: 17}); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("Fork of 17: got %v, want ErrInvalidArgument", err)
+	}
+
+	if err := sb.Pause(ctx); err != nil {
+		t.Fatalf("Pause: %v", err)
+	}
+	if info := sb.Info(); info.State != wire.StatePaused || info.PausedBytes != 1<<20 {
+		t.Errorf("after Pause: state %q, paused bytes %d", info.State, info.PausedBytes)
+	}
+	got, err := c.Get(ctx, sb.ID())
+	if err != nil || got.Info().State != wire.StatePaused {
+		t.Errorf("Get of a paused sandbox: got %+v, %v; want it paused", got, err)
+	}
+	again, err := c.Connect(ctx, sb.ID())
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	if info := again.Info(); info.State != wire.StateRunning || info.PausedBytes != 0 {
+		t.Errorf("Connect to a paused sandbox: state %q, paused bytes %d; want running, 0", info.State, info.PausedBytes)
+	}
+	f.mu.Lock()
+	state := f.sandboxes[sb.ID()].State
+	f.mu.Unlock()
+	if state != wire.StateRunning {
+		t.Errorf("server state after Connect: got %q, want running", state)
+	}
+	if err := sb.Resume(ctx); err != nil || sb.Info().State != wire.StateRunning {
+		t.Errorf("Resume: got state %q, %v", sb.Info().State, err)
+	}
+
+	if err := c.DeleteSnapshot(ctx, snap.ID); err != nil {
+		t.Fatalf("DeleteSnapshot: %v", err)
+	}
+	if err := c.DeleteSnapshot(ctx, snap.ID); !errors.Is(err, ErrNotFound) {
+		t.Errorf("second DeleteSnapshot: got %v, want ErrNotFound", err)
+	}
+	if _, err := c.Snapshot(ctx, snap.ID); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Snapshot after delete: got %v, want ErrNotFound", err)
+	}
+	if _, err := c.Create(ctx, CreateOptions{SnapshotID: snap.ID}); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Create from a deleted snapshot: got %v, want ErrNotFound", err)
+	}
+	if l, err := c.Snapshots(ctx); err != nil || len(l) != 0 {
+		t.Errorf("Snapshots after delete: got %+v, %v; want none", l, err)
+	}
+	if _, err := c.Snapshot(ctx, "../sandboxes"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Snapshot with a path in its id: got %v, want ErrNotFound", err)
+	}
+	if err := sb.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for name, call := range map[string]func() error{
+		"Pause":    func() error { return sb.Pause(ctx) },
+		"Resume":   func() error { return sb.Resume(ctx) },
+		"Snapshot": func() error { _, err := sb.Snapshot(ctx); return err },
+		"Fork":     func() error { _, err := sb.Fork(ctx, ForkOptions{}); return err },
+	} {
+		if err := call(); !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), `"sb-1"`) {
+			t.Errorf("%s after Kill: got %v, want ErrNotFound naming sb-1", name, err)
+		}
 	}
 }
 

@@ -26,7 +26,7 @@ type Sandbox struct {
 	c  *Client
 	id string
 
-	// mu guards info, which Refresh and SetTimeout replace.
+	// mu guards info, which Refresh, SetTimeout, Pause and Resume replace.
 	mu   sync.Mutex
 	info wire.Sandbox
 }
@@ -35,7 +35,8 @@ type Sandbox struct {
 func (s *Sandbox) ID() string { return s.id }
 
 // Info returns what the server last said about the sandbox (at Create,
-// Connect, Refresh or SetTimeout); it does not ask the server.
+// Connect, Get, Refresh, SetTimeout, Pause or Resume); it does not ask the
+// server. An exec that resumed a paused sandbox does not update it.
 func (s *Sandbox) Info() wire.Sandbox {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -75,6 +76,67 @@ func (s *Sandbox) SetTimeout(ctx context.Context, ttl time.Duration) error {
 	}
 	s.setInfo(info)
 	return nil
+}
+
+// Pause saves the sandbox's memory and processes to disk and stops them,
+// freeing their memory; its TTL stops counting. Pausing a paused sandbox
+// does nothing. Info reports state "paused" after.
+func (s *Sandbox) Pause(ctx context.Context) error {
+	var info wire.Sandbox
+	if err := s.c.do(ctx, http.MethodPost, s.path("/pause"), nil, &info, http.StatusOK); err != nil {
+		return fmt.Errorf("pausing sandbox %q: %w", s.id, err)
+	}
+	s.setInfo(info)
+	return nil
+}
+
+// Resume restores a paused sandbox where it stopped and restarts its TTL
+// (its TTL setting from now). Resuming a running sandbox does nothing; an
+// exec in a paused sandbox resumes it too.
+func (s *Sandbox) Resume(ctx context.Context) error {
+	var info wire.Sandbox
+	if err := s.c.do(ctx, http.MethodPost, s.path("/resume"), nil, &info, http.StatusOK); err != nil {
+		return fmt.Errorf("resuming sandbox %q: %w", s.id, err)
+	}
+	s.setInfo(info)
+	return nil
+}
+
+// Snapshot saves the sandbox's memory and writable filesystem as a new
+// snapshot, which Create (CreateOptions.SnapshotID) can start sandboxes
+// from. The sandbox keeps running. The snapshot lives until DeleteSnapshot.
+func (s *Sandbox) Snapshot(ctx context.Context) (wire.Snapshot, error) {
+	var snap wire.Snapshot
+	if err := s.c.do(ctx, http.MethodPost, s.path("/snapshot"), nil, &snap, http.StatusCreated); err != nil {
+		return wire.Snapshot{}, fmt.Errorf("snapshotting sandbox %q: %w", s.id, err)
+	}
+	return snap, nil
+}
+
+// ForkOptions describes the forks of one Fork call. Zero fields take the
+// server's defaults.
+type ForkOptions struct {
+	// Count is how many forks to make, 1 to 16; 1 when zero.
+	Count int
+	// TTL is each fork's lifetime, rounded up to whole seconds; the parent's
+	// TTL setting when zero.
+	TTL time.Duration
+}
+
+// Fork makes copies of the running sandbox: each has the parent's memory
+// and files as they are now, but its own id, TTL, writable layer and fresh
+// randomness. The parent keeps running. The caller owns the forks.
+func (s *Sandbox) Fork(ctx context.Context, opts ForkOptions) ([]*Sandbox, error) {
+	req := wire.ForkRequest{Count: opts.Count, TTLSeconds: ceilSeconds(opts.TTL)}
+	var resp wire.ForkResponse
+	if err := s.c.do(ctx, http.MethodPost, s.path("/fork"), req, &resp, http.StatusCreated); err != nil {
+		return nil, fmt.Errorf("forking sandbox %q: %w", s.id, err)
+	}
+	forks := make([]*Sandbox, len(resp.Sandboxes))
+	for i, info := range resp.Sandboxes {
+		forks[i] = &Sandbox{c: s.c, id: info.ID, info: info}
+	}
+	return forks, nil
 }
 
 // Kill destroys the sandbox. Killing it again fails with ErrNotFound.

@@ -45,7 +45,12 @@ func ociSpec(s runtime.Spec, cgroupParent string) ([]byte, error) {
 		hostname = s.ID
 	}
 	res := &specs.LinuxResources{
-		Pids: &specs.LinuxPids{Limit: lim.Pids},
+		// On systrap every process inside costs the host about 2.5 tasks
+		// (its stub process and threads). pids.max is only the backstop:
+		// RLIMIT_NPROC below must bind first, so that a fork bomb gets
+		// EAGAIN inside instead of the sentry failing its own clone and
+		// panicking.
+		Pids: &specs.LinuxPids{Limit: 3*lim.Pids + 256},
 	}
 	if lim.MemoryBytes > 0 {
 		m := lim.MemoryBytes

@@ -4,6 +4,7 @@
     with Sandbox.create(template="code-interpreter", ttl_seconds=300) as sb:
         result = sb.exec("python3 -c 'print(sum(range(100)))'", timeout_seconds=30)
         print(result.stdout, result.exit_code)
+        snap = sb.snapshot()    # also sb.fork(), sb.pause(), sb.resume()
 
 The server URL and API key come from the arguments, else $PANDASTACK_URL and
 $PANDASTACK_API_KEY, else http://127.0.0.1:7423 and the server's key file
@@ -17,10 +18,12 @@ from .errors import (AuthenticationError, ConflictError, InvalidArgumentError, N
                      TooLargeError, UnavailableError)
 from .models import ExecResult, SandboxInfo
 from .sandbox import Sandbox
+from .snapshot import Snapshot
 
 __all__ = [
     "Sandbox",
     "SandboxInfo",
+    "Snapshot",
     "ExecResult",
     "PandaStackError",
     "InvalidArgumentError",

@@ -10,6 +10,7 @@ from ._http import DEFAULT_REQUEST_TIMEOUT, HTTPClient, path_escape, str_map
 from .errors import (NotFoundError, PandaStackConnectionError, PandaStackError, ServerError,
                      error_from_code)
 from .models import ExecResult, SandboxInfo
+from .snapshot import Snapshot
 
 DEFAULT_TEMPLATE = "base"
 DEFAULT_EXEC_TIMEOUT = 60.0
@@ -37,20 +38,36 @@ class Sandbox:
     # ----- constructors -----------------------------------------------------
 
     @classmethod
-    def create(cls, template: str = DEFAULT_TEMPLATE, ttl_seconds: Optional[int] = None,
+    def create(cls, template: Optional[str] = None, ttl_seconds: Optional[int] = None,
                env: Optional[Mapping[str, str]] = None,
                metadata: Optional[Mapping[str, str]] = None,
-               cpu: Optional[float] = None, memory_mb: Optional[int] = None, *,
+               cpu: Optional[float] = None, memory_mb: Optional[int] = None,
+               snapshot_id: Optional[str] = None, on_timeout: Optional[str] = None, *,
                url: Optional[str] = None, api_key: Optional[str] = None,
                request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT) -> "Sandbox":
-        """Start a new sandbox from ``template`` and return it once it is running.
+        """Start a new sandbox and return it once it is running.
+
+        It boots from ``template`` ("base" by default), or with
+        ``snapshot_id`` continues from that snapshot (see :meth:`snapshot`):
+        its processes go on where they were, and ``template`` may then only
+        be left out or name the snapshot's template.
 
         ``ttl_seconds``, ``cpu`` and ``memory_mb`` default to the server's
         defaults (300 s, 1 CPU, 1024 MiB). ``env`` is set for every command,
-        ``metadata`` is stored with the sandbox.
+        ``metadata`` is stored with the sandbox. ``on_timeout`` is what the
+        TTL does: "kill" (the server's default) or "pause", which keeps the
+        sandbox paused until it is resumed or killed.
         """
         client = HTTPClient(url, api_key, request_timeout)
-        body: Dict[str, Any] = {"template": template}
+        body: Dict[str, Any] = {}
+        if template is not None:
+            body["template"] = template
+        elif snapshot_id is None:
+            body["template"] = DEFAULT_TEMPLATE
+        if snapshot_id is not None:
+            body["snapshot_id"] = snapshot_id
+        if on_timeout is not None:
+            body["on_timeout"] = on_timeout
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
         if env is not None:
@@ -67,15 +84,21 @@ class Sandbox:
     @classmethod
     def connect(cls, id: str, *, url: Optional[str] = None, api_key: Optional[str] = None,
                 request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT) -> "Sandbox":
-        """Attach to an existing sandbox by id (raises NotFoundError if there is none)."""
+        """Attach to an existing sandbox by id (raises NotFoundError if there is none).
+
+        A paused sandbox is resumed, so that the handle is ready for use.
+        """
         client = HTTPClient(url, api_key, request_timeout)
         doc = client.call("GET", "/v1/sandboxes/" + path_escape(id))
-        return cls(_sandbox_info(doc, client), client)
+        sb = cls(_sandbox_info(doc, client), client)
+        if sb._info.state == "paused":
+            sb.resume()
+        return sb
 
     @classmethod
     def list(cls, *, url: Optional[str] = None, api_key: Optional[str] = None,
              request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT) -> List[SandboxInfo]:
-        """The caller's running sandboxes."""
+        """The caller's sandboxes, running and paused."""
         client = HTTPClient(url, api_key, request_timeout)
         doc = client.call("GET", "/v1/sandboxes")
         if not isinstance(doc, dict) or not isinstance(doc.get("sandboxes", []), (list, type(None))):
@@ -90,7 +113,10 @@ class Sandbox:
 
     @property
     def info(self) -> SandboxInfo:
-        """What the server last said about this sandbox; :meth:`refresh` asks again."""
+        """What the server last said about this sandbox; :meth:`refresh` asks again.
+
+        An exec that resumed a paused sandbox does not update it.
+        """
         return self._info
 
     @property
@@ -109,6 +135,52 @@ class Sandbox:
         doc = self._client.call("POST", self._path("/timeout"), {"ttl_seconds": seconds})
         self._info = _sandbox_info(doc, self._client)
         return self._info
+
+    def pause(self) -> SandboxInfo:
+        """Save the sandbox's memory and processes to disk and stop them.
+
+        Frees their memory; the TTL stops counting. Pausing a paused sandbox
+        does nothing. :meth:`resume`, an exec and :meth:`connect` resume it.
+        Returns the updated :attr:`info` (state "paused", ``paused_bytes``).
+        """
+        doc = self._client.call("POST", self._path("/pause"))
+        self._info = _sandbox_info(doc, self._client)
+        return self._info
+
+    def resume(self) -> SandboxInfo:
+        """Restore a paused sandbox where it stopped; its TTL starts again from now.
+
+        Resuming a running sandbox does nothing. Returns the updated :attr:`info`.
+        """
+        doc = self._client.call("POST", self._path("/resume"))
+        self._info = _sandbox_info(doc, self._client)
+        return self._info
+
+    def snapshot(self) -> Snapshot:
+        """Save the sandbox's memory and writable files as a new :class:`Snapshot`.
+
+        The sandbox keeps running. ``Sandbox.create(snapshot_id=snap.id)``
+        starts sandboxes from the snapshot; it is kept until deleted.
+        """
+        doc = self._client.call("POST", self._path("/snapshot"))
+        return Snapshot.from_json(doc, self._client)
+
+    def fork(self, count: int = 1, ttl_seconds: Optional[int] = None) -> List["Sandbox"]:
+        """Copy the running sandbox ``count`` times (1 to 16); the parent keeps running.
+
+        Each fork starts with the parent's processes, memory and files as
+        they are now, but has its own id, TTL, writable layer and fresh
+        randomness. ``ttl_seconds`` defaults to the parent's TTL setting.
+        The caller owns the forks: kill them when done.
+        """
+        body: Dict[str, Any] = {"count": count}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        doc = self._client.call("POST", self._path("/fork"), body)
+        if not isinstance(doc, dict) or not isinstance(doc.get("sandboxes"), list):
+            raise ServerError("fork of %s: unexpected answer %r" % (self.id, doc))
+        cls = type(self)
+        return [cls(_sandbox_info(item, self._client), self._client) for item in doc["sandboxes"]]
 
     def kill(self) -> None:
         """Stop and remove the sandbox. Killing it again raises NotFoundError."""

@@ -19,8 +19,8 @@ import pytest
 import pandastack
 from pandastack import (AuthenticationError, ConflictError, ExecResult, InvalidArgumentError,
                         NotFoundError, PandaStackConnectionError, PandaStackError,
-                        QuotaExceededError, Sandbox, SandboxInfo, ServerError, TooLargeError,
-                        UnavailableError)
+                        QuotaExceededError, Sandbox, SandboxInfo, ServerError, Snapshot,
+                        TooLargeError, UnavailableError)
 from pandastack import _http
 from pandastack.models import parse_time
 
@@ -50,6 +50,7 @@ class FakeServer:
         self.api_key = api_key
         self.requests = []
         self.sandboxes = {}
+        self.snapshots = {}
         self.canned = {}
         self.exec_events = None
         self.exec_result = {"stdout": "ok\n", "stderr": "", "exit_code": 0, "timed_out": False,
@@ -109,7 +110,8 @@ class FakeServer:
     def error(self, h, status, code, message):
         self.send(h, status, {"error": {"code": code, "message": message}})
 
-    def new_sandbox(self, template="base", ttl=300, metadata=None, cpu=1, memory_mb=1024):
+    def new_sandbox(self, template="base", ttl=300, metadata=None, cpu=1, memory_mb=1024,
+                    on_timeout="kill"):
         with self.lock:
             self.counter += 1
             sid = "sb-%04d" % self.counter
@@ -118,8 +120,13 @@ class FakeServer:
             "created_at": "2024-05-01T12:00:00.123456789Z",
             "expires_at": _go_time(datetime.now(timezone.utc) + timedelta(seconds=ttl)),
             "metadata": metadata or {}, "cpu": cpu, "memory_mb": memory_mb,
+            "on_timeout": on_timeout, "paused_bytes": 0, "ttl": ttl,
         }
         return self.sandboxes[sid]
+
+    @staticmethod
+    def public(sb):
+        return {k: v for k, v in sb.items() if k != "ttl"}
 
     def route(self, h, rec):
         key = (rec.method, rec.path)
@@ -131,37 +138,88 @@ class FakeServer:
             return self.send(h, 200, {"status": "ok", "version": "test", "runtime": "gvisor"})
         if rec.headers.get("Authorization") != "Bearer " + self.api_key:
             return self.error(h, 401, "unauthenticated", "missing or wrong API key")
+        if parts[:2] == ["v1", "snapshots"]:
+            return self.route_snapshots(h, rec, parts[2:])
         if parts[:2] != ["v1", "sandboxes"]:
             return self.error(h, 404, "not_found", "no route %s %s" % (rec.method, rec.path))
         if len(parts) == 2:
             if rec.method == "POST":
                 req = rec.json or {}
-                if req.get("template", "base") not in ("base", "code-interpreter"):
-                    return self.error(h, 404, "not_found", "template %r not found" % req["template"])
+                template = req.get("template", "base")
+                if "snapshot_id" in req:
+                    snap = self.snapshots.get(req["snapshot_id"])
+                    if snap is None:
+                        return self.error(h, 404, "not_found", "snapshot %r not found" % req["snapshot_id"])
+                    if req.get("template", snap["template"]) != snap["template"]:
+                        return self.error(h, 400, "invalid_argument", "template is not the snapshot's")
+                    template = snap["template"]
+                if template not in ("base", "code-interpreter"):
+                    return self.error(h, 404, "not_found", "template %r not found" % template)
                 ttl = req.get("ttl_seconds", 300)
                 if not 1 <= ttl <= 86400:
                     return self.error(h, 400, "invalid_argument", "bad ttl_seconds %d" % ttl)
-                sb = self.new_sandbox(req.get("template", "base"), ttl, req.get("metadata"),
-                                      req.get("cpu", 1), req.get("memory_mb", 1024))
-                return self.send(h, 201, sb)
+                if req.get("on_timeout", "kill") not in ("kill", "pause"):
+                    return self.error(h, 400, "invalid_argument", "bad on_timeout")
+                sb = self.new_sandbox(template, ttl, req.get("metadata"),
+                                      req.get("cpu", 1), req.get("memory_mb", 1024),
+                                      req.get("on_timeout", "kill"))
+                return self.send(h, 201, self.public(sb))
             if rec.method == "GET":
-                return self.send(h, 200, {"sandboxes": list(self.sandboxes.values())})
+                return self.send(h, 200, {"sandboxes": [self.public(sb) for sb in self.sandboxes.values()]})
         sid = parts[2]
         sb = self.sandboxes.get(sid)
         if sb is None:
             return self.error(h, 404, "not_found", "sandbox %r not found" % sid)
         if len(parts) == 3 and rec.method == "GET":
-            return self.send(h, 200, sb)
+            return self.send(h, 200, self.public(sb))
         if len(parts) == 3 and rec.method == "DELETE":
             del self.sandboxes[sid]
             return self.send(h, 204)
         if parts[3:] == ["timeout"] and rec.method == "POST":
             sb["expires_at"] = _go_time(datetime.now(timezone.utc) + timedelta(seconds=rec.json["ttl_seconds"]))
-            return self.send(h, 200, sb)
+            return self.send(h, 200, self.public(sb))
         if parts[3:] == ["exec"] and rec.method == "POST":
+            sb["state"], sb["paused_bytes"] = "running", 0  # exec resumes a paused sandbox
             if "ndjson" in rec.headers.get("Accept", ""):
                 return self.stream(h)
             return self.send(h, 200, self.exec_result)
+        if parts[3:] in (["pause"], ["resume"]) and rec.method == "POST":
+            if rec.raw:
+                return self.error(h, 400, "invalid_argument", "no body expected")
+            if parts[3] == "pause":
+                sb["state"], sb["paused_bytes"] = "paused", 1 << 20
+            else:
+                sb["state"], sb["paused_bytes"] = "running", 0
+                sb["expires_at"] = _go_time(datetime.now(timezone.utc) + timedelta(seconds=sb["ttl"]))
+            return self.send(h, 200, self.public(sb))
+        if parts[3:] == ["snapshot"] and rec.method == "POST":
+            if rec.raw:
+                return self.error(h, 400, "invalid_argument", "no body expected")
+            snap_id = "snap-%04d" % (len(self.snapshots) + 1)
+            self.snapshots[snap_id] = {"id": snap_id, "source_sandbox": sid, "template": sb["template"],
+                                       "size_bytes": 5 << 20, "created_at": "2024-05-01T12:00:01Z"}
+            return self.send(h, 201, self.snapshots[snap_id])
+        if parts[3:] == ["fork"] and rec.method == "POST":
+            req = rec.json or {}
+            count = req.get("count", 1)
+            if not 1 <= count <= 16:
+                return self.error(h, 400, "invalid_argument", "count must be 1 to 16")
+            forks = [self.new_sandbox(sb["template"], req.get("ttl_seconds", sb["ttl"]), sb["metadata"],
+                                      sb["cpu"], sb["memory_mb"], sb["on_timeout"]) for _ in range(count)]
+            return self.send(h, 201, {"sandboxes": [self.public(f) for f in forks]})
+        return self.error(h, 404, "not_found", "no route")
+
+    def route_snapshots(self, h, rec, rest):
+        if not rest and rec.method == "GET":
+            return self.send(h, 200, {"snapshots": list(self.snapshots.values())})
+        snap = self.snapshots.get(rest[0]) if len(rest) == 1 else None
+        if snap is None:
+            return self.error(h, 404, "not_found", "snapshot %r not found" % "/".join(rest))
+        if rec.method == "GET":
+            return self.send(h, 200, snap)
+        if rec.method == "DELETE":
+            del self.snapshots[snap["id"]]
+            return self.send(h, 204)
         return self.error(h, 404, "not_found", "no route")
 
     def stream(self, h):
@@ -275,6 +333,165 @@ def test_connect_escapes_id(server, kw):
     with pytest.raises(NotFoundError):
         Sandbox.connect("../x/y", **kw)
     assert last(server).path == "/v1/sandboxes/..%2Fx%2Fy"
+
+
+# ----- snapshots, fork, pause and resume ---------------------------------------
+
+def test_info_has_on_timeout_and_paused_bytes(server, kw):
+    sb = Sandbox.create(on_timeout="pause", **kw)
+    assert last(server).json == {"template": "base", "on_timeout": "pause"}
+    assert (sb.info.on_timeout, sb.info.paused_bytes) == ("pause", 0)
+
+
+def test_info_tolerates_missing_new_fields(server, kw):
+    server.canned[("GET", "/v1/sandboxes/sb-old")] = (200, json.dumps({
+        "id": "sb-old", "template": "base", "state": "running", "created_at": "2024-05-01T12:00:00Z",
+        "expires_at": "2024-05-01T12:05:00Z", "metadata": {}, "cpu": 1, "memory_mb": 1024,
+    }).encode(), "application/json")
+    info = Sandbox.connect("sb-old", **kw).info
+    assert (info.on_timeout, info.paused_bytes) == ("kill", 0)
+
+
+def test_snapshot_and_create_from_it(server, kw):
+    sb = Sandbox.create(template="code-interpreter", **kw)
+    snap = sb.snapshot()
+    rec = last(server)
+    assert (rec.method, rec.path, rec.raw) == ("POST", "/v1/sandboxes/%s/snapshot" % sb.id, b"")
+    assert isinstance(snap, Snapshot)
+    assert (snap.id, snap.source_sandbox, snap.template, snap.size_bytes) == (
+        "snap-0001", sb.id, "code-interpreter", 5 << 20)
+    assert snap.created_at == datetime(2024, 5, 1, 12, 0, 1, tzinfo=timezone.utc)
+    assert "_client" not in repr(snap)
+
+    # No default template is sent with a snapshot: the snapshot's is used.
+    clone = Sandbox.create(snapshot_id=snap.id, on_timeout="kill", ttl_seconds=60, **kw)
+    assert last(server).json == {"snapshot_id": snap.id, "on_timeout": "kill", "ttl_seconds": 60}
+    assert clone.id != sb.id and clone.info.template == "code-interpreter"
+    Sandbox.create(template="code-interpreter", snapshot_id=snap.id, **kw)
+    assert last(server).json == {"template": "code-interpreter", "snapshot_id": snap.id}
+    with pytest.raises(InvalidArgumentError):
+        Sandbox.create(template="base", snapshot_id=snap.id, **kw)
+    with pytest.raises(NotFoundError):
+        Sandbox.create(snapshot_id="snap-nope", **kw)
+
+
+def test_snapshot_list_get_delete(server, kw):
+    sb = Sandbox.create(**kw)
+    a, b = sb.snapshot(), sb.snapshot()
+    got = Snapshot.get(a.id, **kw)
+    assert (last(server).method, last(server).path) == ("GET", "/v1/snapshots/" + a.id)
+    assert got == a
+    listed = Snapshot.list(**kw)
+    assert (last(server).method, last(server).path) == ("GET", "/v1/snapshots")
+    assert sorted(s.id for s in listed) == [a.id, b.id]
+    assert all(isinstance(s, Snapshot) for s in listed)
+
+    Snapshot.delete(a.id, **kw)
+    assert (last(server).method, last(server).path) == ("DELETE", "/v1/snapshots/" + a.id)
+    with pytest.raises(NotFoundError):
+        Snapshot.get(a.id, **kw)
+    with pytest.raises(NotFoundError):
+        Snapshot.delete(a.id, **kw)
+    with pytest.raises(NotFoundError):
+        Sandbox.create(snapshot_id=a.id, **kw)
+    # An instance deletes itself, on the server it came from (there is no
+    # $PANDASTACK_URL here).
+    b.delete()
+    assert (last(server).method, last(server).path) == ("DELETE", "/v1/snapshots/" + b.id)
+    assert Snapshot.list(**kw) == []
+    with pytest.raises(TypeError):
+        Snapshot.delete(**kw)
+
+
+def test_snapshot_paths_are_escaped(server, kw):
+    with pytest.raises(NotFoundError):
+        Snapshot.get("../sandboxes", **kw)
+    assert last(server).path == "/v1/snapshots/..%2Fsandboxes"
+
+
+def test_snapshot_list_accepts_null_and_rejects_garbage(server, kw):
+    server.canned[("GET", "/v1/snapshots")] = (200, b'{"snapshots": null}', "application/json")
+    assert Snapshot.list(**kw) == []
+    server.canned[("GET", "/v1/snapshots")] = (200, b'{"snapshots": [{"no": "id"}]}', "application/json")
+    with pytest.raises(ServerError):
+        Snapshot.list(**kw)
+
+
+def test_snapshot_delete_conflict(server, kw):
+    server.canned[("DELETE", "/v1/snapshots/snap-busy")] = (
+        409, b'{"error":{"code":"conflict","message":"a sandbox is being created from it"}}', "application/json")
+    with pytest.raises(ConflictError) as ei:
+        Snapshot.delete("snap-busy", **kw)
+    assert "being created" in ei.value.message
+
+
+def test_fork(server, kw):
+    parent = Sandbox.create(metadata={"n": "p"}, ttl_seconds=100, **kw)
+    forks = parent.fork(count=2, ttl_seconds=30)
+    rec = last(server)
+    assert (rec.method, rec.path, rec.json) == ("POST", "/v1/sandboxes/%s/fork" % parent.id,
+                                                {"count": 2, "ttl_seconds": 30})
+    assert len(forks) == 2 and all(isinstance(f, Sandbox) for f in forks)
+    assert len({parent.id} | {f.id for f in forks}) == 3
+    assert all(f.url == parent.url and f.info.state == "running" for f in forks)
+    left = (forks[0].info.expires_at - datetime.now(timezone.utc)).total_seconds()
+    assert 20 < left <= 31, left
+    # Each fork is a handle of its own.
+    forks[0].kill()
+    assert forks[0].id not in server.sandboxes and forks[1].id in server.sandboxes
+
+    assert len(parent.fork()) == 1
+    assert last(server).json == {"count": 1}
+    with pytest.raises(InvalidArgumentError):
+        parent.fork(count=17)
+
+
+def test_fork_bad_answer(server, kw):
+    sb = Sandbox.create(**kw)
+    server.canned[("POST", "/v1/sandboxes/%s/fork" % sb.id)] = (201, b'{"sandboxes": null}', "application/json")
+    with pytest.raises(ServerError):
+        sb.fork()
+
+
+def test_pause_resume(server, kw):
+    sb = Sandbox.create(ttl_seconds=600, **kw)
+    info = sb.pause()
+    rec = last(server)
+    assert (rec.method, rec.path, rec.raw) == ("POST", "/v1/sandboxes/%s/pause" % sb.id, b"")
+    assert info is sb.info and (info.state, info.paused_bytes) == ("paused", 1 << 20)
+    assert [i.state for i in Sandbox.list(**kw)] == ["paused"]
+
+    info = sb.resume()
+    rec = last(server)
+    assert (rec.method, rec.path, rec.raw) == ("POST", "/v1/sandboxes/%s/resume" % sb.id, b"")
+    assert info is sb.info and (info.state, info.paused_bytes) == ("running", 0)
+    left = (info.expires_at - datetime.now(timezone.utc)).total_seconds()
+    assert 590 < left <= 601, left
+
+    sb.kill()
+    with pytest.raises(NotFoundError):
+        sb.pause()
+    with pytest.raises(NotFoundError):
+        sb.resume()
+    with pytest.raises(NotFoundError):
+        sb.snapshot()
+    with pytest.raises(NotFoundError):
+        sb.fork()
+
+
+def test_connect_resumes_a_paused_sandbox(server, kw):
+    sb = Sandbox.create(**kw)
+    n = len(server.requests)
+    assert Sandbox.connect(sb.id, **kw).info.state == "running"
+    assert [(r.method, r.path) for r in server.requests[n:]] == [("GET", "/v1/sandboxes/" + sb.id)]
+
+    sb.pause()
+    n = len(server.requests)
+    other = Sandbox.connect(sb.id, **kw)
+    assert [(r.method, r.path) for r in server.requests[n:]] == [
+        ("GET", "/v1/sandboxes/" + sb.id), ("POST", "/v1/sandboxes/%s/resume" % sb.id)]
+    assert (other.info.state, other.info.paused_bytes) == ("running", 0)
+    assert server.sandboxes[sb.id]["state"] == "running"
 
 
 # ----- exec -------------------------------------------------------------------

@@ -1,0 +1,283 @@
+package daemon_test
+
+import (
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pandastack/pandastack/internal/daemontest"
+	"github.com/pandastack/pandastack/internal/testenv"
+	"github.com/pandastack/pandastack/wire"
+)
+
+// counterCmd starts a process that keeps a counter in its memory and
+// writes it to /tmp/count every 50 ms.
+const counterCmd = "(setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' >/dev/null 2>&1 &); sleep 0.3"
+
+func count(t *testing.T, s *daemontest.Server, id string) int {
+	t.Helper()
+	// The writer truncates before it writes: an empty read is retried.
+	res := s.Exec(t, id, wire.ExecRequest{Cmd: "for i in 1 2 3 4 5 6 7 8 9 10; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; sleep 0.01; done; echo $c"})
+	n, err := strconv.Atoi(strings.TrimSpace(res.Stdout))
+	if err != nil {
+		t.Fatalf("reading counter of %s: %q (%+v)", id, res.Stdout, res)
+	}
+	return n
+}
+
+// counting checks that the counter process runs and kept its memory: the
+// counter goes on from at least min.
+func counting(t *testing.T, s *daemontest.Server, id string, min int) {
+	t.Helper()
+	a := count(t, s, id)
+	time.Sleep(300 * time.Millisecond)
+	b := count(t, s, id)
+	if a < min || b <= a {
+		t.Errorf("%s: counter %d then %d, want ≥ %d and growing", id, a, b, min)
+	}
+}
+
+func post[T any](t *testing.T, s *daemontest.Server, path string, body any, want int) T {
+	t.Helper()
+	resp, b := s.Do(t, "POST", path, body)
+	if resp.StatusCode != want {
+		t.Fatalf("POST %s: %d %s, want %d", path, resp.StatusCode, b, want)
+	}
+	var v T
+	if err := json.Unmarshal(b, &v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func TestSnapshotAndCreateFromIt(t *testing.T) {
+	s := daemontest.Start(t, nil)
+	src := s.Create(t, wire.CreateSandboxRequest{Env: map[string]string{"ORIGIN": "src"}})
+	s.Exec(t, src.ID, wire.ExecRequest{Cmd: "echo saved > /root/f; " + counterCmd})
+	before := count(t, s, src.ID)
+
+	snap := post[wire.Snapshot](t, s, "/v1/sandboxes/"+src.ID+"/snapshot", nil, http.StatusCreated)
+	if snap.SourceSandbox != src.ID || snap.Template != "base" || snap.SizeBytes <= 0 || !strings.HasPrefix(snap.ID, "snap-") {
+		t.Fatalf("snapshot: %+v", snap)
+	}
+	counting(t, s, src.ID, before) // the source keeps running
+
+	sb := s.Create(t, wire.CreateSandboxRequest{SnapshotID: snap.ID, TTLSeconds: 60})
+	if sb.ID == src.ID || sb.Template != "base" {
+		t.Fatalf("created from snapshot: %+v", sb)
+	}
+	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /root/f; hostname; echo $ORIGIN"})
+	if want := "saved\n" + sb.ID + "\nsrc\n"; res.Stdout != want {
+		t.Errorf("restored sandbox: got %q, want %q", res.Stdout, want)
+	}
+	counting(t, s, sb.ID, before)
+
+	resp, b := s.Do(t, "GET", "/v1/snapshots", nil)
+	var list wire.SnapshotList
+	if json.Unmarshal(b, &list); resp.StatusCode != 200 || len(list.Snapshots) != 1 || list.Snapshots[0].ID != snap.ID {
+		t.Errorf("list: %d %s", resp.StatusCode, b)
+	}
+	other := s.WithTenant(t, "other")
+	for _, c := range []struct{ method, path string }{{"GET", "/v1/snapshots/" + snap.ID}, {"DELETE", "/v1/snapshots/" + snap.ID}} {
+		if resp, b := other.Do(t, c.method, c.path, nil); resp.StatusCode != 404 {
+			t.Errorf("other tenant %s %s: %d %s", c.method, c.path, resp.StatusCode, b)
+		}
+	}
+	if resp, b := other.Do(t, "POST", "/v1/sandboxes", wire.CreateSandboxRequest{SnapshotID: snap.ID}); resp.StatusCode != 404 {
+		t.Errorf("other tenant create from snapshot: %d %s", resp.StatusCode, b)
+	}
+	if resp, b := s.Do(t, "DELETE", "/v1/snapshots/"+snap.ID, nil); resp.StatusCode != 204 {
+		t.Fatalf("delete snapshot: %d %s", resp.StatusCode, b)
+	}
+	if resp, _ := s.Do(t, "DELETE", "/v1/snapshots/"+snap.ID, nil); resp.StatusCode != 404 {
+		t.Errorf("second delete: %d, want 404", resp.StatusCode)
+	}
+	if resp, _ := s.Do(t, "POST", "/v1/sandboxes", wire.CreateSandboxRequest{SnapshotID: snap.ID}); resp.StatusCode != 404 {
+		t.Errorf("create from deleted snapshot: %d, want 404", resp.StatusCode)
+	}
+	// The sandbox made from it does not depend on the snapshot's files.
+	counting(t, s, sb.ID, before)
+}
+
+func TestFork(t *testing.T) {
+	s := daemontest.Start(t, nil)
+	parent := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120})
+	s.Exec(t, parent.ID, wire.ExecRequest{Cmd: "echo parent > /root/f; " + counterCmd})
+	before := count(t, s, parent.ID)
+
+	fr := post[wire.ForkResponse](t, s, "/v1/sandboxes/"+parent.ID+"/fork", wire.ForkRequest{Count: 2, TTLSeconds: 30}, http.StatusCreated)
+	if len(fr.Sandboxes) != 2 {
+		t.Fatalf("fork: got %d sandboxes", len(fr.Sandboxes))
+	}
+	t.Cleanup(func() {
+		for _, c := range fr.Sandboxes {
+			s.Do(t, "DELETE", "/v1/sandboxes/"+c.ID, nil)
+		}
+	})
+	random := map[string]bool{}
+	for i, c := range fr.Sandboxes {
+		if c.ID == parent.ID || time.Until(c.ExpiresAt) > 31*time.Second {
+			t.Errorf("fork %d: %+v", i, c)
+		}
+		res := s.Exec(t, c.ID, wire.ExecRequest{Cmd: "cat /root/f; hostname; echo child" + strconv.Itoa(i) + " > /root/f; head -c 16 /dev/urandom | od -An -x"})
+		lines := strings.Split(strings.TrimSpace(res.Stdout), "\n")
+		if len(lines) != 3 || lines[0] != "parent" || lines[1] != c.ID {
+			t.Errorf("fork %d: got %q", i, res.Stdout)
+			continue
+		}
+		random[lines[2]] = true
+		counting(t, s, c.ID, before)
+	}
+	if len(random) != 2 {
+		t.Errorf("forks share /dev/urandom output: %v", random)
+	}
+	// Each fork's writes are its own.
+	for i, c := range fr.Sandboxes {
+		if res := s.Exec(t, c.ID, wire.ExecRequest{Cmd: "cat /root/f"}); res.Stdout != "child"+strconv.Itoa(i)+"\n" {
+			t.Errorf("fork %d sees %q", i, res.Stdout)
+		}
+	}
+	if res := s.Exec(t, parent.ID, wire.ExecRequest{Cmd: "cat /root/f"}); res.Stdout != "parent\n" {
+		t.Errorf("parent sees %q", res.Stdout)
+	}
+	counting(t, s, parent.ID, before)
+
+	for _, body := range []string{`{"count":0}`, `{"count":17}`, `{"count":-1}`} {
+		if body == `{"count":0}` {
+			continue // 0 means 1
+		}
+		if resp, b := s.Do(t, "POST", "/v1/sandboxes/"+parent.ID+"/fork", body); resp.StatusCode != 400 {
+			t.Errorf("fork %s: %d %s, want 400", body, resp.StatusCode, b)
+		}
+	}
+}
+
+func TestPauseResumeThreeTimes(t *testing.T) {
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120})
+	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: counterCmd})
+	last := count(t, s, sb.ID)
+	for round := 1; round <= 3; round++ {
+		s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo " + strconv.Itoa(round) + " > /root/file" + strconv.Itoa(round)})
+		p := post[wire.Sandbox](t, s, "/v1/sandboxes/"+sb.ID+"/pause", nil, http.StatusOK)
+		if p.State != wire.StatePaused || p.PausedBytes <= 0 {
+			t.Fatalf("round %d: paused %+v", round, p)
+		}
+		if procs := runscProcs(sb.ID); procs != "" {
+			t.Errorf("round %d: processes of a paused sandbox: %s", round, procs)
+		}
+		resp, b := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
+		if resp.StatusCode != 200 || !strings.Contains(string(b), `"state":"paused"`) {
+			t.Errorf("round %d: get while paused: %d %s", round, resp.StatusCode, b)
+		}
+		if round == 2 {
+			// An exec resumes a paused sandbox by itself.
+			if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "true"}); res.ExitCode != 0 {
+				t.Errorf("exec on paused: %+v", res)
+			}
+		} else {
+			r := post[wire.Sandbox](t, s, "/v1/sandboxes/"+sb.ID+"/resume", nil, http.StatusOK)
+			if r.State != wire.StateRunning || r.PausedBytes != 0 {
+				t.Errorf("round %d: resumed %+v", round, r)
+			}
+		}
+		var want strings.Builder
+		for i := 1; i <= round; i++ {
+			want.WriteString(strconv.Itoa(i) + "\n")
+		}
+		if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /root/file*"}); res.Stdout != want.String() {
+			t.Errorf("round %d: files %q, want %q", round, res.Stdout, want.String())
+		}
+		counting(t, s, sb.ID, last)
+		last = count(t, s, sb.ID)
+	}
+	// Pausing twice and resuming a running sandbox are no-ops.
+	post[wire.Sandbox](t, s, "/v1/sandboxes/"+sb.ID+"/resume", nil, http.StatusOK)
+	post[wire.Sandbox](t, s, "/v1/sandboxes/"+sb.ID+"/pause", nil, http.StatusOK)
+	post[wire.Sandbox](t, s, "/v1/sandboxes/"+sb.ID+"/pause", nil, http.StatusOK)
+	// Killing a paused sandbox frees its saved state.
+	if resp, b := s.Do(t, "DELETE", "/v1/sandboxes/"+sb.ID, nil); resp.StatusCode != 204 {
+		t.Fatalf("kill paused: %d %s", resp.StatusCode, b)
+	}
+	if resp, _ := s.Do(t, "POST", "/v1/sandboxes/"+sb.ID+"/resume", nil); resp.StatusCode != 404 {
+		t.Errorf("resume after kill: %d, want 404", resp.StatusCode)
+	}
+}
+
+func TestOnTimeoutPause(t *testing.T) {
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 2, OnTimeout: "pause"})
+	if sb.OnTimeout != "pause" {
+		t.Fatalf("created %+v", sb)
+	}
+	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo kept > /root/f"})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, b := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
+		if resp.StatusCode == 200 && strings.Contains(string(b), `"state":"paused"`) {
+			break
+		}
+		if resp.StatusCode != 200 || time.Now().After(deadline) {
+			t.Fatalf("not paused at its TTL: %d %s", resp.StatusCode, b)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /root/f"}); res.Stdout != "kept\n" {
+		t.Errorf("after auto-resume: %+v", res)
+	}
+	resp, b := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
+	var got wire.Sandbox
+	_ = json.Unmarshal(b, &got)
+	if resp.StatusCode != 200 || got.State != wire.StateRunning || time.Until(got.ExpiresAt) <= 0 {
+		t.Errorf("after resume: %d %s", resp.StatusCode, b)
+	}
+	if resp, b := s.Do(t, "POST", "/v1/sandboxes", `{"on_timeout":"sleep"}`); resp.StatusCode != 400 {
+		t.Errorf("bad on_timeout: %d %s", resp.StatusCode, b)
+	}
+}
+
+// TestForkLargeMemory forks a sandbox whose Python process holds 200 MB.
+func TestForkLargeMemory(t *testing.T) {
+	testenv.Template(t, "code-interpreter")
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{Template: "code-interpreter", MemoryMB: 2048, TTLSeconds: 120})
+	// A server process holding 200 MB answers checksums of it through files.
+	py := `import hashlib, os, time
+data = bytearray(os.urandom(1 << 20)) * 200
+open("/tmp/sum", "w").write(hashlib.sha256(data).hexdigest())
+while True:
+    if os.path.exists("/tmp/ask"):
+        os.remove("/tmp/ask")
+        data[0] = (data[0] + 1) % 256
+        open("/tmp/answer", "w").write(hashlib.sha256(data).hexdigest())
+    time.sleep(0.02)
+`
+	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat > /tmp/srv.py; (setsid python3 /tmp/srv.py >/dev/null 2>&1 &); while [ ! -s /tmp/sum ]; do sleep 0.1; done; cat /tmp/sum", Stdin: py, TimeoutSeconds: 60})
+	ask := func(id string) string {
+		t.Helper()
+		res := s.Exec(t, id, wire.ExecRequest{Cmd: "rm -f /tmp/answer; touch /tmp/ask; while [ ! -s /tmp/answer ]; do sleep 0.02; done; cat /tmp/answer", TimeoutSeconds: 30})
+		return res.Stdout
+	}
+	fr := post[wire.ForkResponse](t, s, "/v1/sandboxes/"+sb.ID+"/fork", wire.ForkRequest{Count: 2}, http.StatusCreated)
+	t.Cleanup(func() {
+		for _, c := range fr.Sandboxes {
+			s.Do(t, "DELETE", "/v1/sandboxes/"+c.ID, nil)
+		}
+	})
+	// Every copy holds the same 200 MB and mutates it the same way: the
+	// first mutation gives the same checksum in each.
+	a, b, p := ask(fr.Sandboxes[0].ID), ask(fr.Sandboxes[1].ID), ask(sb.ID)
+	if a == "" || a != b || a != p {
+		t.Errorf("checksums after one mutation: fork0 %q fork1 %q parent %q", a, b, p)
+	}
+	// They diverge independently: a second mutation in one fork only.
+	if a2 := ask(fr.Sandboxes[0].ID); a2 == a {
+		t.Errorf("fork 0 did not change")
+	}
+	if b1 := s.Exec(t, fr.Sandboxes[1].ID, wire.ExecRequest{Cmd: "cat /tmp/answer"}).Stdout; b1 != b {
+		t.Errorf("fork 1 changed with fork 0: %q vs %q", b1, b)
+	}
+}
