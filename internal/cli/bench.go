@@ -4,15 +4,19 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
 
 	"github.com/pandastack/pandastack/internal/daemon"
+	"github.com/pandastack/pandastack/internal/sandbox"
 	pandastack "github.com/pandastack/pandastack/sdk/go"
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
@@ -37,14 +41,9 @@ func figure(name, comment string, d []time.Duration) benchFigure {
 		if len(s) == 0 {
 			return 0
 		}
-		i := int(p*float64(len(s)) + 0.5)
-		if i >= len(s) {
-			i = len(s) - 1
-		}
-		if i > 0 && p == 0.5 && len(s)%2 == 0 {
-			return (ms(s[i-1]) + ms(s[i])) / 2
-		}
-		return ms(s[i])
+		// Nearest rank.
+		i := int(p*float64(len(s))+0.999999) - 1
+		return ms(s[min(max(i, 0), len(s)-1)])
 	}
 	f := benchFigure{Name: name, N: len(s), Comment: comment, P50MS: q(0.5), P95MS: q(0.95)}
 	if len(s) > 0 {
@@ -53,56 +52,34 @@ func figure(name, comment string, d []time.Duration) benchFigure {
 	return f
 }
 
+type benchOpts struct {
+	n, execs, baselineN, forks int
+	tmpl, runscPath         string
+	self, asJSON, skipLarge bool
+}
+
 func newBenchCmd() *cobra.Command {
-	var (
-		n, execs, baselineN int
-		tmpl, runscPath     string
-		asJSON              bool
-	)
+	var o benchOpts
 	cmd := &cobra.Command{
 		Use:   "bench",
-		Short: "Measure create→first output and exec round trip against a running server",
-		Long: `bench measures, in one run and against the server at --url:
-  - create → first output: create a sandbox, run "echo ok" with streamed output, and time
-    until its first byte arrives (then kill it, untimed), --n times, one at a time;
-  - exec round trip: "true" run --execs times in one running sandbox;
-  - baseline: "runsc do /bin/true" run --baseline times on this machine (needs root),
-    so the figures can be compared across noisy machines.`,
+		Short: "Measure create, exec, snapshot, fork and resume latencies beside a runsc baseline",
+		Long: `bench measures, in one run:
+  - baseline: "runsc do /bin/true" (needs root), so figures compare across noisy machines;
+  - create → first output: create a sandbox, run "echo ok" streamed, time until its first
+    byte arrives (then kill it, untimed), --n times, one at a time;
+  - exec round trip: "true" run --execs times in one sandbox;
+  - snapshot, resume (after an untimed pause) and fork of a sandbox whose Python process
+    holds 200 MB (template code-interpreter).
+By default (--self) it starts its own servers in temporary data directories, sharing the
+installed templates, in three configurations: cold boot, template snapshots, and a warm
+pool. With --self=false it measures the server at --url as it is configured.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			c, err := newClient(cmd)
+			figs, err := runBench(cmd, o)
 			if err != nil {
 				return err
 			}
-			if _, err := c.Health(ctx); err != nil {
-				return fmt.Errorf("reaching the server: %w", err)
-			}
-			var figs []benchFigure
-
-			runsc, err := daemon.FindBinary(runscPath, "runsc")
-			if err != nil {
-				return err
-			}
-			base, err := benchBaseline(ctx, runsc, baselineN)
-			if err != nil {
-				return err
-			}
-			figs = append(figs, figure("baseline: runsc do /bin/true", "same machine, same run", base))
-
-			create, err := benchCreate(ctx, c, tmpl, n)
-			if err != nil {
-				return err
-			}
-			figs = append(figs, figure("create → first output", "template "+tmpl+", sequential, no pool", create))
-
-			rt, err := benchExec(ctx, c, tmpl, execs)
-			if err != nil {
-				return err
-			}
-			figs = append(figs, figure("exec round trip (true)", "HTTP API, blocking exec, one sandbox", rt))
-
-			if asJSON {
+			if o.asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
 				return enc.Encode(figs)
@@ -116,13 +93,153 @@ func newBenchCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.IntVar(&n, "n", 30, "sandboxes to create")
-	f.IntVar(&execs, "execs", 200, "execs for the round-trip figure")
-	f.IntVar(&baselineN, "baseline", 15, "runs of the runsc baseline")
-	f.StringVar(&tmpl, "template", "base", "template to create from")
-	f.StringVar(&runscPath, "runsc", "", "runsc binary for the baseline")
-	f.BoolVar(&asJSON, "json", false, "print JSON")
+	f.IntVar(&o.n, "n", 30, "sandboxes to create per configuration")
+	f.IntVar(&o.execs, "execs", 200, "execs for the round-trip figure")
+	f.IntVar(&o.baselineN, "baseline", 15, "runs of the runsc baseline")
+	f.IntVar(&o.forks, "forks", 5, "snapshots, forks and resumes to time")
+	f.StringVar(&o.tmpl, "template", "base", "template to create from")
+	f.StringVar(&o.runscPath, "runsc", "", "runsc binary")
+	f.BoolVar(&o.self, "self", true, "start own servers (needs root and the installed templates)")
+	f.BoolVar(&o.skipLarge, "skip-large", false, "skip the 200 MB fork figures")
+	f.BoolVar(&o.asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+func runBench(cmd *cobra.Command, o benchOpts) ([]benchFigure, error) {
+	ctx := cmd.Context()
+	runsc, err := daemon.FindBinary(o.runscPath, "runsc")
+	if err != nil {
+		return nil, err
+	}
+	base, err := benchBaseline(ctx, runsc, o.baselineN)
+	if err != nil {
+		return nil, err
+	}
+	figs := []benchFigure{figure("baseline: runsc do /bin/true", "same machine, same run", base)}
+	if !o.self {
+		c, err := newClient(cmd)
+		if err != nil {
+			return nil, err
+		}
+		more, err := benchServer(ctx, c, o, "server at --url", true)
+		return append(figs, more...), err
+	}
+	configs := []struct {
+		name  string
+		mut   func(*sandbox.Config)
+		rest  bool // also measure exec, snapshot, fork, resume
+		label string
+	}{
+		{"cold boot", func(c *sandbox.Config) {}, true, "no pool, no template snapshot"},
+		{"template snapshot", func(c *sandbox.Config) { c.TemplateSnapshots = true }, false, "creates restore the template's snapshot"},
+		{"warm pool", func(c *sandbox.Config) { c.TemplateSnapshots = true; c.PoolSize = 4 }, false, "pool of 4, 300 ms between creates"},
+	}
+	for _, cf := range configs {
+		c, stop, err := benchStartServer(ctx, runsc, cf.mut)
+		if err != nil {
+			return nil, fmt.Errorf("starting %s server: %w", cf.name, err)
+		}
+		more, err := benchServer(ctx, c, o, cf.name+": "+cf.label, cf.rest)
+		stop()
+		if err != nil {
+			return nil, err
+		}
+		figs = append(figs, more...)
+	}
+	return figs, nil
+}
+
+// benchStartServer runs a daemon in this process on a temporary data
+// directory, sharing the installed templates.
+func benchStartServer(ctx context.Context, runsc string, mut func(*sandbox.Config)) (*pandastack.Client, func(), error) {
+	dir, err := os.MkdirTemp("", "pandastack-bench-")
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg := daemon.Config{
+		DataDir: dir, Listen: "127.0.0.1:0", Runsc: runsc,
+		TemplateDir: filepath.Join(envOr("PANDASTACK_DATA_DIR", daemon.DefaultDataDir), "templates"),
+		Sandbox:     sandbox.DefaultConfig(), CgroupParent: "/pandastack-bench",
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	mut(&cfg.Sandbox)
+	addrc := make(chan string, 1)
+	cfg.Ready = func(a string) { addrc <- a }
+	sctx, cancel := context.WithCancel(ctx)
+	errc := make(chan error, 1)
+	go func() { errc <- daemon.Run(sctx, cfg) }()
+	stop := func() {
+		cancel()
+		<-errc
+		_ = unix.Unmount(filepath.Join(dir, "runtime", "runsc", "null-netns"), unix.MNT_DETACH)
+		os.RemoveAll(dir)
+	}
+	select {
+	case addr := <-addrc:
+		key, err := os.ReadFile(daemon.KeyFile(dir))
+		if err != nil {
+			stop()
+			return nil, nil, err
+		}
+		c, err := pandastack.NewClient(pandastack.WithURL("http://"+addr), pandastack.WithAPIKey(strings.TrimSpace(string(key))))
+		if err != nil {
+			stop()
+			return nil, nil, err
+		}
+		return c, stop, nil
+	case err := <-errc:
+		cancel()
+		os.RemoveAll(dir)
+		return nil, nil, err
+	}
+}
+
+// benchServer measures one server.
+func benchServer(ctx context.Context, c *pandastack.Client, o benchOpts, label string, rest bool) ([]benchFigure, error) {
+	// One untimed create warms the server (template snapshot, pool).
+	if err := benchWarm(ctx, c, o.tmpl); err != nil {
+		return nil, err
+	}
+	create, err := benchCreate(ctx, c, o.tmpl, o.n)
+	if err != nil {
+		return nil, err
+	}
+	figs := []benchFigure{figure("create → first output", label+"; template "+o.tmpl, create)}
+	if !rest {
+		return figs, nil
+	}
+	rt, err := benchExec(ctx, c, o.tmpl, o.execs)
+	if err != nil {
+		return nil, err
+	}
+	figs = append(figs, figure("exec round trip (true)", "HTTP API, blocking exec, one sandbox", rt))
+	snap, size, resume, err := benchSnapshotResume(ctx, c, o.tmpl, o.forks)
+	if err != nil {
+		return nil, err
+	}
+	figs = append(figs,
+		figure("snapshot", fmt.Sprintf("idle %s sandbox; %.1f MB on disk each", o.tmpl, float64(size)/1e6), snap),
+		figure("resume after pause", "idle "+o.tmpl+" sandbox; until the resume call returns", resume))
+	if !o.skipLarge {
+		fork, resume200, size200, err := benchLarge(ctx, c, o.forks)
+		if err != nil {
+			return nil, err
+		}
+		figs = append(figs,
+			figure("fork of a 200 MB sandbox", fmt.Sprintf("count 1, Python holding 200 MB; snapshot %.0f MB", float64(size200)/1e6), fork),
+			figure("resume of a 200 MB sandbox", "after an untimed pause", resume200))
+	}
+	return figs, nil
+}
+
+func benchWarm(ctx context.Context, c *pandastack.Client, tmpl string) error {
+	sb, err := c.Create(ctx, pandastack.CreateOptions{Template: tmpl, TTL: time.Minute})
+	if err != nil {
+		return err
+	}
+	_, err = sb.Exec(ctx, "true", pandastack.ExecOptions{})
+	_ = sb.Kill(context.WithoutCancel(ctx))
+	return err
 }
 
 func benchBaseline(ctx context.Context, runsc string, n int) ([]time.Duration, error) {
@@ -152,6 +269,8 @@ func benchBaseline(ctx context.Context, runsc string, n int) ([]time.Duration, e
 func benchCreate(ctx context.Context, c *pandastack.Client, tmpl string, n int) ([]time.Duration, error) {
 	var out []time.Duration
 	for range n {
+		// Untimed: lets a warm pool refill, as between real requests.
+		time.Sleep(300 * time.Millisecond)
 		start := time.Now()
 		sb, err := c.Create(ctx, pandastack.CreateOptions{Template: tmpl, TTL: 2 * time.Minute})
 		if err != nil {
@@ -194,4 +313,84 @@ func benchExec(ctx context.Context, c *pandastack.Client, tmpl string, n int) ([
 		out = append(out, time.Since(start))
 	}
 	return out, nil
+}
+
+// benchSnapshotResume times snapshots of, and resumes after pauses of, one
+// idle sandbox.
+func benchSnapshotResume(ctx context.Context, c *pandastack.Client, tmpl string, n int) (snap []time.Duration, size int64, resume []time.Duration, err error) {
+	sb, err := c.Create(ctx, pandastack.CreateOptions{Template: tmpl, TTL: 5 * time.Minute})
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	defer sb.Kill(context.WithoutCancel(ctx))
+	if _, err := sb.Exec(ctx, "true", pandastack.ExecOptions{}); err != nil {
+		return nil, 0, nil, err
+	}
+	for range n {
+		start := time.Now()
+		sn, err := sb.Snapshot(ctx)
+		if err != nil {
+			return nil, 0, nil, err
+		}
+		snap = append(snap, time.Since(start))
+		size = sn.SizeBytes
+		_ = c.DeleteSnapshot(ctx, sn.ID)
+	}
+	for range n {
+		if err := sb.Pause(ctx); err != nil {
+			return nil, 0, nil, err
+		}
+		start := time.Now()
+		if err := sb.Resume(ctx); err != nil {
+			return nil, 0, nil, err
+		}
+		resume = append(resume, time.Since(start))
+	}
+	return snap, size, resume, nil
+}
+
+// benchLarge times forks and resumes of a sandbox whose Python process
+// holds 200 MB.
+func benchLarge(ctx context.Context, c *pandastack.Client, n int) (fork, resume []time.Duration, size int64, err error) {
+	sb, err := c.Create(ctx, pandastack.CreateOptions{Template: "code-interpreter", MemoryMB: 2048, TTL: 5 * time.Minute})
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	defer sb.Kill(context.WithoutCancel(ctx))
+	const hold = `python3 -c 'import os, time
+data = bytearray(os.urandom(1 << 20)) * 200
+open("/tmp/ready", "w").write("1")
+time.sleep(10**6)' >/dev/null 2>&1 &
+while [ ! -s /tmp/ready ]; do sleep 0.05; done`
+	if res, err := sb.Exec(ctx, hold, pandastack.ExecOptions{Timeout: time.Minute}); err != nil || res.ExitCode != 0 {
+		return nil, nil, 0, fmt.Errorf("starting the 200 MB process: %v %+v", err, res)
+	}
+	for range n {
+		start := time.Now()
+		kids, err := sb.Fork(ctx, pandastack.ForkOptions{Count: 1, TTL: time.Minute})
+		if err != nil {
+			return nil, nil, 0, err
+		}
+		fork = append(fork, time.Since(start))
+		for _, k := range kids {
+			_ = k.Kill(context.WithoutCancel(ctx))
+		}
+	}
+	sn, err := sb.Snapshot(ctx)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	size = sn.SizeBytes
+	_ = c.DeleteSnapshot(ctx, sn.ID)
+	for range n {
+		if err := sb.Pause(ctx); err != nil {
+			return nil, nil, 0, err
+		}
+		start := time.Now()
+		if err := sb.Resume(ctx); err != nil {
+			return nil, nil, 0, err
+		}
+		resume = append(resume, time.Since(start))
+	}
+	return fork, resume, size, nil
 }

@@ -137,6 +137,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.MaxOutputBytes > 0 {
 		cfg.Sandbox.MaxOutputBytes = cfg.MaxOutputBytes
 	}
+	if len(cfg.Sandbox.PoolTemplates) == 0 {
+		for _, d := range tpls.Definitions() {
+			cfg.Sandbox.PoolTemplates = append(cfg.Sandbox.PoolTemplates, d.Name)
+		}
+	}
 	rt, err := gvisor.New(gvisor.Config{Runsc: runsc, StateDir: filepath.Join(cfg.DataDir, "runtime"), CgroupParent: cfg.CgroupParent, Log: log})
 	if err != nil {
 		return err

@@ -206,7 +206,8 @@ func (m *Manager) refillPools(ctx context.Context) {
 }
 
 // newPooled starts one warm sandbox: created like any other, then given
-// one throwaway exec so its first real exec does not pay for loading.
+// one throwaway exec of the shell (what most commands start with) so the
+// first real exec does not pay for loading it.
 func (m *Manager) newPooled(ctx context.Context, name string) (*pooled, error) {
 	tpl, err := m.templates.Get(name)
 	if err != nil {
@@ -225,7 +226,7 @@ func (m *Manager) newPooled(ctx context.Context, name string) (*pooled, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := client.Exec(ctx, agent.ExecRequest{Argv: []string{"true"}, TimeoutMS: 10_000}, agent.ExecIO{}); err != nil {
+	if _, err := client.Exec(ctx, agent.ExecRequest{Argv: []string{"/bin/sh", "-c", "true"}, TimeoutMS: 10_000}, agent.ExecIO{}); err != nil {
 		client.Close()
 		_ = m.rt.Delete(context.WithoutCancel(ctx), id)
 		return nil, err
