@@ -13,10 +13,16 @@ export PATH=/usr/local/go/bin:$PATH
 echo "==> go vet"
 go vet ./...
 
-echo "==> go test (real sandboxes)"
+echo "==> go test -race (real sandboxes)"
 export PANDASTACK_REQUIRE_SANDBOX=1
 export PANDASTACK_TEMPLATE_DIR=${PANDASTACK_DATA_DIR:-/var/lib/pandastack}/templates
-go test -count=1 -timeout 30m ./...
+go test -race -count=1 -timeout 40m ./...
+
+echo "==> fuzz targets (short runs)"
+for target in "FuzzReadFrame ./internal/agent/" "FuzzServerRequest ./internal/agent/" "FuzzDecodeRequests ./internal/api/"; do
+	set -- $target
+	go test -run '^$' -fuzz "^$1\$" -fuzztime 10s "$2"
+done
 
 echo "==> Python SDK unit tests"
 (cd sdk/python && /usr/bin/python3 -m pytest -q tests/test_unit.py)

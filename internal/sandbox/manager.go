@@ -361,16 +361,22 @@ func (m *Manager) reaper(ctx context.Context) {
 		case <-t.C:
 		}
 		now := m.now()
+		// Lock order is instance then manager (a create holds its
+		// instance while it registers); never the other way round.
 		m.mu.Lock()
-		var expired []*instance
+		all := make([]*instance, 0, len(m.live))
 		for _, in := range m.live {
+			all = append(all, in)
+		}
+		m.mu.Unlock()
+		var expired []*instance
+		for _, in := range all {
 			in.mu.Lock()
 			if !in.ending && in.rec.State == wire.StateRunning && !now.Before(in.rec.ExpiresAt) {
 				expired = append(expired, in)
 			}
 			in.mu.Unlock()
 		}
-		m.mu.Unlock()
 		for _, in := range expired {
 			if in.rec.OnTimeout == wire.OnTimeoutPause {
 				m.log.Info("sandbox timed out: pausing", "id", in.id)
@@ -637,9 +643,9 @@ func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
 			MemoryBytes: int64(r.MemoryMB) << 20,
 			Pids:        int64(m.cfg.Pids),
 			DiskBytes:   int64(m.cfg.DiskMB) << 20,
-			// /tmp is memory: capped below the memory limit, filling it
-			// is ENOSPC rather than an OOM kill of the sandbox.
-			TmpBytes: int64(min(m.cfg.TmpMB, r.MemoryMB/2)) << 20,
+			// The same for every sandbox: a restore needs the mounts of
+			// the image it restores, whatever memory the sandbox has.
+			TmpBytes: int64(m.cfg.TmpMB) << 20,
 		},
 	}, nil
 }
