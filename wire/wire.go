@@ -30,6 +30,12 @@ type CreateSandboxRequest struct {
 	CPU float64 `json:"cpu,omitempty"`
 	// MemoryMB is the memory limit in MiB; server default when zero.
 	MemoryMB int `json:"memory_mb,omitempty"`
+	// DiskMB caps the sandbox's writable root layer in MiB; server default
+	// when zero.
+	DiskMB int `json:"disk_mb,omitempty"`
+	// Pids caps the processes (and threads) inside; server default when
+	// zero.
+	Pids int `json:"pids,omitempty"`
 	// SnapshotID starts the sandbox from a snapshot instead of a fresh
 	// boot: its processes continue where the snapshot left them. Template
 	// must then be empty or the snapshot's template.
@@ -54,6 +60,8 @@ type Sandbox struct {
 	Metadata  map[string]string `json:"metadata"`
 	CPU       float64           `json:"cpu"`
 	MemoryMB  int               `json:"memory_mb"`
+	DiskMB    int               `json:"disk_mb"`
+	Pids      int               `json:"pids"`
 	// OnTimeout is "kill" or "pause".
 	OnTimeout string `json:"on_timeout"`
 	// PausedBytes is the size on disk of a paused sandbox's saved state;

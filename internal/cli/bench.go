@@ -54,8 +54,8 @@ func figure(name, comment string, d []time.Duration) benchFigure {
 
 type benchOpts struct {
 	n, execs, baselineN, forks int
-	tmpl, runscPath         string
-	self, asJSON, skipLarge bool
+	tmpl, runscPath            string
+	self, asJSON, skipLarge    bool
 }
 
 func newBenchCmd() *cobra.Command {

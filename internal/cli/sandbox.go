@@ -90,6 +90,8 @@ func newSandboxCreateCmd() *cobra.Command {
 	f.StringArrayVar(&metadata, "metadata", nil, "metadata K=V stored with the sandbox (repeatable)")
 	f.Float64Var(&opts.CPU, "cpu", 0, "CPUs, fractions allowed (0: the server's default)")
 	f.IntVar(&opts.MemoryMB, "memory-mb", 0, "memory limit in MiB (0: the server's default)")
+	f.IntVar(&opts.DiskMB, "disk-mb", 0, "writable root layer in MiB (0: the server's default)")
+	f.IntVar(&opts.Pids, "pids", 0, "cap of processes inside (0: the server's default)")
 	f.BoolVar(&asJSON, "json", false, "print the sandbox as JSON instead of its id")
 	return cmd
 }

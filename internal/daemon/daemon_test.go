@@ -279,3 +279,29 @@ func TestOutputCap(t *testing.T) {
 		t.Errorf("stream: got %d bytes, last %+v; want 1000 and a truncated exit", n, last)
 	}
 }
+
+// TestLimitsAtCreate: disk and process limits asked for at create hold
+// inside the sandbox, within the server's maxima.
+func TestLimitsAtCreate(t *testing.T) {
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{DiskMB: 100, Pids: 64})
+	if sb.DiskMB != 100 || sb.Pids != 64 {
+		t.Fatalf("created %+v", sb)
+	}
+	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "dd if=/dev/zero of=/big bs=1M count=300 2>&1 | grep -o 'No space left on device'; df -m / | tail -1 | awk '{print $2}'"})
+	if !strings.Contains(res.Stdout, "No space left on device") {
+		t.Errorf("disk fill past 100 MiB: %q", res.Stdout)
+	}
+	if fields := strings.Fields(res.Stdout); len(fields) == 0 || fields[len(fields)-1] != "100" {
+		t.Errorf("df size: %q, want 100", res.Stdout)
+	}
+	res = s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "for i in $(seq 100); do sleep 5 & done 2>&1 | grep -c 'fork\\|Resource' ; true", TimeoutSeconds: 20})
+	if strings.TrimSpace(res.Stdout) == "0" || res.Stdout == "" {
+		t.Errorf("100 background processes under pids 64 all started: %+v", res)
+	}
+	for _, body := range []string{`{"disk_mb":10}`, `{"disk_mb":100000000}`, `{"pids":1}`, `{"pids":1000000}`} {
+		if resp, b := s.Do(t, "POST", "/v1/sandboxes", body); resp.StatusCode != 400 {
+			t.Errorf("create %s: %d %s, want 400", body, resp.StatusCode, b)
+		}
+	}
+}

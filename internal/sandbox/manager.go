@@ -36,10 +36,12 @@ type Config struct {
 	DefaultTTL, MaxTTL           time.Duration
 	DefaultCPU, MaxCPU           float64
 	DefaultMemoryMB, MaxMemoryMB int
-	// DiskMB caps each sandbox's writable root layer; TmpMB its /tmp.
-	DiskMB, TmpMB int
-	// Pids caps processes and threads per sandbox.
-	Pids int
+	// DiskMB is the default cap of a sandbox's writable root layer and
+	// MaxDiskMB the largest a create may ask for; TmpMB caps /tmp.
+	DiskMB, MaxDiskMB, TmpMB int
+	// Pids is the default cap of processes per sandbox and MaxPids the
+	// largest a create may ask for.
+	Pids, MaxPids int
 	// MaxSandboxes caps running sandboxes on this server.
 	MaxSandboxes int
 	// DefaultExecTimeout and MaxExecTimeout bound one command.
@@ -71,7 +73,7 @@ func DefaultConfig() Config {
 		DefaultTTL: 300 * time.Second, MaxTTL: 24 * time.Hour,
 		DefaultCPU: 1, MaxCPU: 4,
 		DefaultMemoryMB: 1024, MaxMemoryMB: 8192,
-		DiskMB: 2048, TmpMB: 512, Pids: 512,
+		DiskMB: 2048, MaxDiskMB: 20480, TmpMB: 512, Pids: 512, MaxPids: 4096,
 		MaxSandboxes:       1000,
 		MaxOutputBytes:     10 << 20,
 		DefaultExecTimeout: 60 * time.Second, MaxExecTimeout: time.Hour,
@@ -96,6 +98,7 @@ func (c Config) withDefaults() Config {
 	for _, p := range []struct{ v, dv *int }{
 		{&c.DefaultMemoryMB, &d.DefaultMemoryMB}, {&c.MaxMemoryMB, &d.MaxMemoryMB},
 		{&c.DiskMB, &d.DiskMB}, {&c.TmpMB, &d.TmpMB}, {&c.Pids, &d.Pids}, {&c.MaxSandboxes, &d.MaxSandboxes},
+		{&c.MaxDiskMB, &d.MaxDiskMB}, {&c.MaxPids, &d.MaxPids},
 		{&c.MaxOutputBytes, &d.MaxOutputBytes},
 	} {
 		if *p.v == 0 {
@@ -483,13 +486,16 @@ type params struct {
 	ttl       time.Duration
 	cpu       float64
 	memMB     int
+	diskMB    int
+	pids      int
 	env       map[string]string
 	metadata  map[string]string
 	onTimeout string
 }
 
 func (m *Manager) params(req wire.CreateSandboxRequest) (params, error) {
-	p := params{template: req.Template, cpu: req.CPU, memMB: req.MemoryMB, env: req.Env, metadata: req.Metadata, onTimeout: req.OnTimeout}
+	p := params{template: req.Template, cpu: req.CPU, memMB: req.MemoryMB, diskMB: req.DiskMB, pids: req.Pids,
+		env: req.Env, metadata: req.Metadata, onTimeout: req.OnTimeout}
 	if p.template == "" {
 		p.template = "base"
 	}
@@ -508,6 +514,18 @@ func (m *Manager) params(req wire.CreateSandboxRequest) (params, error) {
 	}
 	if p.memMB < 64 || p.memMB > m.cfg.MaxMemoryMB {
 		return params{}, errdefs.Invalid("memory_mb must be between 64 and %d, got %d", m.cfg.MaxMemoryMB, req.MemoryMB)
+	}
+	if p.diskMB == 0 {
+		p.diskMB = m.cfg.DiskMB
+	}
+	if p.diskMB < 64 || p.diskMB > m.cfg.MaxDiskMB {
+		return params{}, errdefs.Invalid("disk_mb must be between 64 and %d, got %d", m.cfg.MaxDiskMB, req.DiskMB)
+	}
+	if p.pids == 0 {
+		p.pids = m.cfg.Pids
+	}
+	if p.pids < 16 || p.pids > m.cfg.MaxPids {
+		return params{}, errdefs.Invalid("pids must be between 16 and %d, got %d", m.cfg.MaxPids, req.Pids)
 	}
 	if err := checkEnv(p.env); err != nil {
 		return params{}, err
@@ -546,7 +564,8 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 	// A warm pool member is a hand-over; otherwise a restore of the
 	// template's snapshot, or a cold boot.
 	var warm *pooled
-	if image == "" && m.cfg.PoolSize > 0 && p.cpu == m.cfg.DefaultCPU && p.memMB == m.cfg.DefaultMemoryMB {
+	if image == "" && m.cfg.PoolSize > 0 && p.cpu == m.cfg.DefaultCPU && p.memMB == m.cfg.DefaultMemoryMB &&
+		p.diskMB == m.cfg.DiskMB && p.pids == m.cfg.Pids {
 		warm = m.takePooled(tpl.Name)
 	}
 	if warm == nil && image == "" && m.cfg.TemplateSnapshots {
@@ -562,7 +581,7 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 	in.rec = store.Sandbox{
 		ID: in.id, Tenant: tenant, Template: tpl.Name, State: wire.StateCreating,
 		CreatedAt: now, ExpiresAt: now.Add(p.ttl), Metadata: p.metadata, CPU: p.cpu, MemoryMB: p.memMB,
-		Env: p.env, OnTimeout: p.onTimeout, TTLSeconds: int(p.ttl / time.Second),
+		DiskMB: p.diskMB, Pids: p.pids, Env: p.env, OnTimeout: p.onTimeout, TTLSeconds: int(p.ttl / time.Second),
 	}
 	discardWarm := func() {
 		if warm != nil {
@@ -632,6 +651,13 @@ func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
 	if err != nil {
 		return runtime.Spec{}, err
 	}
+	disk, pids := r.DiskMB, r.Pids
+	if disk == 0 {
+		disk = m.cfg.DiskMB
+	}
+	if pids == 0 {
+		pids = m.cfg.Pids
+	}
 	return runtime.Spec{
 		ID:        r.ID,
 		Hostname:  r.ID,
@@ -641,8 +667,8 @@ func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
 		Limits: runtime.Limits{
 			CPU:         r.CPU,
 			MemoryBytes: int64(r.MemoryMB) << 20,
-			Pids:        int64(m.cfg.Pids),
-			DiskBytes:   int64(m.cfg.DiskMB) << 20,
+			Pids:        int64(pids),
+			DiskBytes:   int64(disk) << 20,
 			// The same for every sandbox: a restore needs the mounts of
 			// the image it restores, whatever memory the sandbox has.
 			TmpBytes: int64(m.cfg.TmpMB) << 20,
@@ -985,6 +1011,6 @@ func toWire(r store.Sandbox) wire.Sandbox {
 	}
 	return wire.Sandbox{
 		ID: r.ID, Template: r.Template, State: r.State, CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt,
-		Metadata: md, CPU: r.CPU, MemoryMB: r.MemoryMB, OnTimeout: r.OnTimeout, PausedBytes: r.PausedBytes,
+		Metadata: md, CPU: r.CPU, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB, Pids: r.Pids, OnTimeout: r.OnTimeout, PausedBytes: r.PausedBytes,
 	}
 }

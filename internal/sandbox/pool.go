@@ -111,7 +111,8 @@ func (m *Manager) pooledRecord(id, tpl string) store.Sandbox {
 	now := m.now().UTC()
 	return store.Sandbox{
 		ID: id, Template: tpl, State: wire.StateCreating, CreatedAt: now, ExpiresAt: now,
-		CPU: m.cfg.DefaultCPU, MemoryMB: m.cfg.DefaultMemoryMB, Env: map[string]string{}, Metadata: map[string]string{},
+		CPU: m.cfg.DefaultCPU, MemoryMB: m.cfg.DefaultMemoryMB, DiskMB: m.cfg.DiskMB, Pids: m.cfg.Pids,
+		Env: map[string]string{}, Metadata: map[string]string{},
 		OnTimeout: wire.OnTimeoutKill,
 	}
 }

@@ -207,7 +207,7 @@ func (m *Manager) Fork(ctx context.Context, tenant, id string, req wire.ForkRequ
 		ttl = r.TTLSeconds
 	}
 	p, err := m.params(wire.CreateSandboxRequest{
-		Template: r.Template, TTLSeconds: ttl, CPU: r.CPU, MemoryMB: r.MemoryMB,
+		Template: r.Template, TTLSeconds: ttl, CPU: r.CPU, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB, Pids: r.Pids,
 		Env: r.Env, Metadata: r.Metadata, OnTimeout: r.OnTimeout,
 	})
 	if err != nil {

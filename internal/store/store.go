@@ -62,6 +62,11 @@ CREATE TABLE snapshots (
 );
 CREATE INDEX snapshots_tenant ON snapshots(tenant);
 `,
+	// 3: per-sandbox disk and process limits.
+	`
+ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sandboxes ADD COLUMN pids INTEGER NOT NULL DEFAULT 0;
+`,
 }
 
 // Open opens (creating if needed) the database at path.
@@ -134,9 +139,12 @@ type Sandbox struct {
 	TTLSeconds int
 	// PausedBytes is the size of the saved state while paused.
 	PausedBytes int64
+	// DiskMB and Pids are the sandbox's disk and process limits; 0 in
+	// records older than these columns (the server default then).
+	DiskMB, Pids int
 }
 
-const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb, env, on_timeout, ttl_seconds, paused_bytes`
+const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb, env, on_timeout, ttl_seconds, paused_bytes, disk_mb, pids`
 
 // CreateSandbox inserts a new record.
 func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
@@ -151,9 +159,9 @@ func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
 	if sb.OnTimeout == "" {
 		sb.OnTimeout = "kill"
 	}
-	_, err = s.db.ExecContext(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = s.db.ExecContext(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		sb.ID, sb.Tenant, sb.Template, sb.State, sb.CreatedAt.UnixNano(), sb.ExpiresAt.UnixNano(), string(md), sb.CPU, sb.MemoryMB,
-		string(env), sb.OnTimeout, sb.TTLSeconds, sb.PausedBytes)
+		string(env), sb.OnTimeout, sb.TTLSeconds, sb.PausedBytes, sb.DiskMB, sb.Pids)
 	if err != nil {
 		return fmt.Errorf("inserting sandbox %s: %w", sb.ID, err)
 	}
@@ -165,7 +173,7 @@ func scanSandbox(row interface{ Scan(...any) error }) (Sandbox, error) {
 	var created, expires int64
 	var md, env string
 	if err := row.Scan(&sb.ID, &sb.Tenant, &sb.Template, &sb.State, &created, &expires, &md, &sb.CPU, &sb.MemoryMB,
-		&env, &sb.OnTimeout, &sb.TTLSeconds, &sb.PausedBytes); err != nil {
+		&env, &sb.OnTimeout, &sb.TTLSeconds, &sb.PausedBytes, &sb.DiskMB, &sb.Pids); err != nil {
 		return Sandbox{}, err
 	}
 	if err := json.Unmarshal([]byte(env), &sb.Env); err != nil {

@@ -151,6 +151,9 @@ type CreateOptions struct {
 	CPU float64
 	// MemoryMB is the memory limit in MiB.
 	MemoryMB int
+	// DiskMB caps the writable root layer in MiB; Pids the processes
+	// inside.
+	DiskMB, Pids int
 	// SnapshotID starts the sandbox from a snapshot (see Sandbox.Snapshot)
 	// instead of a fresh boot: its processes continue where the snapshot
 	// left them. Template must then be empty or the snapshot's template.
@@ -171,6 +174,8 @@ func (c *Client) Create(ctx context.Context, opts CreateOptions) (*Sandbox, erro
 		Metadata:   opts.Metadata,
 		CPU:        opts.CPU,
 		MemoryMB:   opts.MemoryMB,
+		DiskMB:     opts.DiskMB,
+		Pids:       opts.Pids,
 		SnapshotID: opts.SnapshotID,
 		OnTimeout:  opts.OnTimeout,
 	}

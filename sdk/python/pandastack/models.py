@@ -57,6 +57,8 @@ class SandboxInfo:
     metadata: Dict[str, str] = field(default_factory=dict)
     cpu: float = 0.0
     memory_mb: int = 0
+    disk_mb: int = 0
+    pids: int = 0
     #: What the TTL does: "kill" or "pause" (servers that predate pausing
     #: send nothing, which reads as "kill").
     on_timeout: str = "kill"
@@ -74,6 +76,8 @@ class SandboxInfo:
             metadata=_str_map(doc.get("metadata")),
             cpu=float(doc.get("cpu") or 0),
             memory_mb=int(doc.get("memory_mb") or 0),
+            disk_mb=int(doc.get("disk_mb") or 0),
+            pids=int(doc.get("pids") or 0),
             on_timeout=str(doc.get("on_timeout") or "kill"),
             paused_bytes=int(doc.get("paused_bytes") or 0),
         )

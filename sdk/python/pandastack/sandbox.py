@@ -42,7 +42,8 @@ class Sandbox:
                env: Optional[Mapping[str, str]] = None,
                metadata: Optional[Mapping[str, str]] = None,
                cpu: Optional[float] = None, memory_mb: Optional[int] = None,
-               snapshot_id: Optional[str] = None, on_timeout: Optional[str] = None, *,
+               snapshot_id: Optional[str] = None, on_timeout: Optional[str] = None,
+               disk_mb: Optional[int] = None, pids: Optional[int] = None, *,
                url: Optional[str] = None, api_key: Optional[str] = None,
                request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT) -> "Sandbox":
         """Start a new sandbox and return it once it is running.
@@ -52,8 +53,9 @@ class Sandbox:
         its processes go on where they were, and ``template`` may then only
         be left out or name the snapshot's template.
 
-        ``ttl_seconds``, ``cpu`` and ``memory_mb`` default to the server's
-        defaults (300 s, 1 CPU, 1024 MiB). ``env`` is set for every command,
+        ``ttl_seconds``, ``cpu``, ``memory_mb``, ``disk_mb`` (writable root
+        layer) and ``pids`` (processes inside) default to the server's
+        defaults (300 s, 1 CPU, 1024 MiB, 2048 MiB, 512). ``env`` is set for every command,
         ``metadata`` is stored with the sandbox. ``on_timeout`` is what the
         TTL does: "kill" (the server's default) or "pause", which keeps the
         sandbox paused until it is resumed or killed.
@@ -78,6 +80,10 @@ class Sandbox:
             body["cpu"] = cpu
         if memory_mb is not None:
             body["memory_mb"] = memory_mb
+        if disk_mb is not None:
+            body["disk_mb"] = disk_mb
+        if pids is not None:
+            body["pids"] = pids
         doc = client.call("POST", "/v1/sandboxes", body)
         return cls(_sandbox_info(doc, client), client)
 
