@@ -509,23 +509,22 @@ func (m *Manager) params(req wire.CreateSandboxRequest) (params, error) {
 	if p.cpu < 0.05 || p.cpu > m.cfg.MaxCPU {
 		return params{}, errdefs.Invalid("cpu must be between 0.05 and %g, got %g", m.cfg.MaxCPU, req.CPU)
 	}
-	if p.memMB == 0 {
-		p.memMB = m.cfg.DefaultMemoryMB
-	}
-	if p.memMB < 64 || p.memMB > m.cfg.MaxMemoryMB {
-		return params{}, errdefs.Invalid("memory_mb must be between 64 and %d, got %d", m.cfg.MaxMemoryMB, req.MemoryMB)
-	}
-	if p.diskMB == 0 {
-		p.diskMB = m.cfg.DiskMB
-	}
-	if p.diskMB < 64 || p.diskMB > m.cfg.MaxDiskMB {
-		return params{}, errdefs.Invalid("disk_mb must be between 64 and %d, got %d", m.cfg.MaxDiskMB, req.DiskMB)
-	}
-	if p.pids == 0 {
-		p.pids = m.cfg.Pids
-	}
-	if p.pids < 16 || p.pids > m.cfg.MaxPids {
-		return params{}, errdefs.Invalid("pids must be between 16 and %d, got %d", m.cfg.MaxPids, req.Pids)
+	for _, l := range []struct {
+		name        string
+		v           *int
+		def, lo, hi int
+	}{
+		{"memory_mb", &p.memMB, m.cfg.DefaultMemoryMB, 64, m.cfg.MaxMemoryMB},
+		{"disk_mb", &p.diskMB, m.cfg.DiskMB, 64, m.cfg.MaxDiskMB},
+		{"pids", &p.pids, m.cfg.Pids, 16, m.cfg.MaxPids},
+	} {
+		asked := *l.v
+		if asked == 0 {
+			*l.v = l.def
+		}
+		if *l.v < l.lo || *l.v > l.hi {
+			return params{}, errdefs.Invalid("%s must be between %d and %d, got %d", l.name, l.lo, l.hi, asked)
+		}
 	}
 	if err := checkEnv(p.env); err != nil {
 		return params{}, err
