@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -38,6 +39,11 @@ in-flight requests get 10 s, then every sandbox is destroyed.`,
 			cfg.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
 			cfg.Out = cmd.OutOrStdout()
 			cfg.Version = Version
+			switch cfg.Sandbox.OnShutdown {
+			case sandbox.ShutdownKill, sandbox.ShutdownPause, sandbox.ShutdownKeep:
+			default:
+				return fmt.Errorf("--on-shutdown must be kill, pause or keep, got %q", cfg.Sandbox.OnShutdown)
+			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			return daemon.Run(ctx, cfg)
@@ -64,7 +70,7 @@ in-flight requests get 10 s, then every sandbox is destroyed.`,
 	f.BoolVar(&cfg.Sandbox.TemplateSnapshots, "template-snapshots", false, "create sandboxes by restoring a per-template snapshot taken after the template's warm-up (measured no faster here: docs/BENCHMARKS.md)")
 	f.IntVar(&cfg.Sandbox.PoolSize, "warm-pool", 2, "warm, unclaimed sandboxes kept per template; a create with default limits takes one over (0: none)")
 	f.StringSliceVar(&cfg.Sandbox.PoolTemplates, "warm-pool-templates", nil, "templates that get a warm pool (default: all)")
-	f.BoolVar(&cfg.Sandbox.KeepOnShutdown, "keep-sandboxes", false, "on SIGTERM leave sandboxes running for the next server to re-adopt (default: destroy them)")
+	f.StringVar(&cfg.Sandbox.OnShutdown, "on-shutdown", sandbox.ShutdownKill, "what SIGTERM does with running sandboxes: kill, pause (saved, resumed on demand by the next server) or keep (left running for the next server to re-adopt); paused ones are always kept")
 	f.IntVar(&cfg.MaxOutputBytes, "max-output-bytes", 10<<20, "cap on each of stdout and stderr of one exec (the rest is dropped, the result says truncated)")
 	f.BoolVar(&debug, "debug", false, "log every request")
 	return cmd

@@ -140,6 +140,11 @@ func TestCrashRecovery(t *testing.T) {
 	p1 := startProc(t, dataDir)
 	a := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120, Metadata: map[string]string{"name": "a"}})
 	short := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 4})
+	paused := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120})
+	p1.Exec(t, paused.ID, wire.ExecRequest{Cmd: "echo asleep > /root/p"})
+	if resp, b := p1.Do(t, "POST", "/v1/sandboxes/"+paused.ID+"/pause", nil); resp.StatusCode != 200 {
+		t.Fatalf("pause: %d %s", resp.StatusCode, b)
+	}
 	if res := p1.Exec(t, a.ID, wire.ExecRequest{Cmd: "echo kept > /root/f; (setsid sleep 1000 >/dev/null 2>&1 &); echo started"}); res.ExitCode != 0 {
 		t.Fatalf("setup exec: %+v", res)
 	}
@@ -187,6 +192,13 @@ func TestCrashRecovery(t *testing.T) {
 	if s := recordState(t, dataDir, half); s != wire.StateFailed {
 		t.Errorf("half-created record: state %q, want %q", s, wire.StateFailed)
 	}
+	// The paused sandbox is still paused, and resumes with its files.
+	if s := recordState(t, dataDir, paused.ID); s != wire.StatePaused {
+		t.Errorf("paused record after restart: state %q", s)
+	}
+	if res := p2.Exec(t, paused.ID, wire.ExecRequest{Cmd: "cat /root/p"}); res.Stdout != "asleep\n" {
+		t.Errorf("paused sandbox after restart: %+v", res)
+	}
 	// The re-adopted short-lived sandbox still expires on time.
 	deadline := time.Now().Add(15 * time.Second)
 	for {
@@ -215,17 +227,28 @@ func TestCrashRecovery(t *testing.T) {
 	}
 }
 
-// TestKeepSandboxesOnShutdown: with --keep-sandboxes a graceful stop leaves
-// sandboxes running, and the next daemon re-adopts them.
-func TestKeepSandboxesOnShutdown(t *testing.T) {
-	dataDir := t.TempDir()
-	t.Cleanup(func() { exec.Command("umount", "-l", filepath.Join(dataDir, "runtime", "runsc", "null-netns")).Run() })
-	p1 := startProc(t, dataDir, "--keep-sandboxes")
-	sb := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120})
-	p1.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo 7 > /tmp/n"})
-	p1.stop(t, syscall.SIGTERM)
-	p2 := startProc(t, dataDir)
-	if res := p2.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /tmp/n"}); res.Stdout != "7\n" {
-		t.Errorf("after restart: %+v", res)
+// TestShutdownActions: with --on-shutdown keep or pause, a graceful stop
+// leaves the sandboxes for the next daemon, which re-adopts or resumes them.
+func TestShutdownActions(t *testing.T) {
+	for _, action := range []string{"keep", "pause"} {
+		t.Run(action, func(t *testing.T) {
+			dataDir := t.TempDir()
+			t.Cleanup(func() { exec.Command("umount", "-l", filepath.Join(dataDir, "runtime", "runsc", "null-netns")).Run() })
+			p1 := startProc(t, dataDir, "--on-shutdown", action)
+			sb := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120})
+			p1.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo 7 > /tmp/n"})
+			p1.stop(t, syscall.SIGTERM)
+			wantState := map[string]string{"keep": wire.StateRunning, "pause": wire.StatePaused}[action]
+			if s := recordState(t, dataDir, sb.ID); s != wantState {
+				t.Errorf("record after SIGTERM: %q, want %q", s, wantState)
+			}
+			if procs := runscProcs(sb.ID); (procs == "") != (action == "pause") {
+				t.Errorf("processes of %s after SIGTERM with %s: %q", sb.ID, action, procs)
+			}
+			p2 := startProc(t, dataDir)
+			if res := p2.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /tmp/n"}); res.Stdout != "7\n" {
+				t.Errorf("after restart: %+v", res)
+			}
+		})
 	}
 }

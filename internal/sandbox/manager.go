@@ -62,9 +62,11 @@ type Config struct {
 	// PoolTemplates are the templates that get a pool and whose template
 	// snapshots are made at start.
 	PoolTemplates []string
-	// KeepOnShutdown leaves sandboxes running when the daemon stops, for
-	// the next daemon to re-adopt; by default they are destroyed.
-	KeepOnShutdown bool
+	// OnShutdown is what a graceful stop does with running sandboxes:
+	// "kill" (the default), "pause" (saved to disk, resumed on demand by
+	// the next daemon) or "keep" (left running for the next daemon to
+	// re-adopt). Paused sandboxes are always kept.
+	OnShutdown string
 }
 
 // DefaultConfig returns the built-in defaults.
@@ -318,9 +320,16 @@ func (m *Manager) adopt(ctx context.Context, r store.Sandbox) error {
 	return nil
 }
 
-// Close stops the reaper, then destroys every live sandbox, or, when
-// Config.KeepOnShutdown is set, leaves them running for the next daemon to
-// re-adopt.
+// Shutdown actions for running sandboxes (Config.OnShutdown).
+const (
+	ShutdownKill  = "kill"
+	ShutdownPause = "pause"
+	ShutdownKeep  = "keep"
+)
+
+// Close stops the reaper and the warm pools, then deals with every running
+// sandbox as Config.OnShutdown says. Paused sandboxes stay paused: their
+// records and saved state are what the next daemon starts from.
 func (m *Manager) Close(ctx context.Context) error {
 	m.mu.Lock()
 	m.closed = true
@@ -333,18 +342,33 @@ func (m *Manager) Close(ctx context.Context) error {
 		m.stop()
 	}
 	m.reaperWG.Wait()
+	// detach lets go of a sandbox without ending it.
+	detach := func(in *instance) {
+		client := in.client
+		in.ending = true
+		if client != nil {
+			client.Close()
+		}
+	}
 	var errs []error
 	for _, in := range ins {
-		if m.cfg.KeepOnShutdown {
-			in.mu.Lock()
-			client := in.client
-			in.ending = true
-			in.mu.Unlock()
-			if client != nil {
-				client.Close()
+		in.mu.Lock()
+		paused := in.rec.State == wire.StatePaused
+		action := m.cfg.OnShutdown
+		if action == ShutdownPause && !paused {
+			if err := m.pauseLocked(ctx, in); err != nil {
+				m.log.Error("pausing sandbox at shutdown; destroying it", "id", in.id, "err", err)
+				action = ShutdownKill
+			} else {
+				paused = true
 			}
+		}
+		if paused || action == ShutdownKeep {
+			detach(in)
+			in.mu.Unlock()
 			continue
 		}
+		in.mu.Unlock()
 		if err := m.end(ctx, in, wire.StateStopped); err != nil {
 			errs = append(errs, err)
 		}
