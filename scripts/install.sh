@@ -65,12 +65,19 @@ mv "$lib/pandastack.new" /usr/local/bin/pandastack
 mv "$lib/pandastack-agent.new" "$lib/pandastack-agent"
 rm -f "$lib/pandastack.new"
 
-# 5. The Python SDK (standard library only), importable by every python3.
+# 5. The Python SDK (standard library only), copied to a fixed place and
+#    made importable by every python3 on the machine.
+rm -rf "$lib/python.new"
+mkdir -p "$lib/python.new"
+cp -r "$repo/sdk/python/pandastack" "$lib/python.new/"
+find "$lib/python.new" -name __pycache__ -prune -exec rm -rf {} +
+rm -rf "$lib/python"
+mv "$lib/python.new" "$lib/python"
 for py in python3 /usr/bin/python3; do
 	command -v "$py" >/dev/null || continue
 	site=$("$py" -c 'import site,sys; p=[d for d in site.getsitepackages() if d.endswith(("site-packages","dist-packages"))]; print(p[0])' 2>/dev/null) || continue
 	mkdir -p "$site"
-	echo "$repo/sdk/python" >"$site/pandastack-sdk.pth"
+	echo "$lib/python" >"$site/pandastack-sdk.pth"
 done
 
 # 6. Templates: built from Debian packages once, cached in the data directory.
