@@ -45,15 +45,30 @@ if ! command -v go >/dev/null; then
 	exit 1
 fi
 
-# 3. runsc, pinned in tools/runsc/go.mod, built statically: a cgo build fails
-#    inside runsc's own chroot. Rebuilt only when the pin changes.
+# 3. runsc, pinned in tools/runsc/go.mod, built statically (a cgo build fails
+#    inside runsc's own chroot) and with its seccomp filters precompiled
+#    (tools/runsc/precompile; saves ~10 ms per sandbox start and restore).
+#    Rebuilt only when the pin or the generator changes.
 mkdir -p "$lib"
-stamp=$(cat "$repo/tools/runsc/go.mod" "$repo/tools/runsc/go.sum" | sha256sum | cut -c1-16)
+stamp=$(cat "$repo/tools/runsc/go.mod" "$repo/tools/runsc/go.sum" "$repo/tools/runsc/precompile/main.go" | sha256sum | cut -c1-16)
 if [ ! -x "$lib/runsc" ] || [ "$(cat "$lib/runsc.stamp" 2>/dev/null)" != "$stamp" ]; then
 	log "building runsc (gVisor, pinned in tools/runsc/go.mod)"
-	(cd "$repo/tools/runsc" && CGO_ENABLED=0 go build -trimpath -o "$lib/runsc.new" gvisor.dev/gvisor/runsc)
+	build=$(mktemp -d)
+	trap 'rm -rf "$build"' EXIT
+	cp "$repo/tools/runsc/go.mod" "$repo/tools/runsc/go.sum" "$repo/tools/runsc/tools.go" "$build/"
+	(cd "$build" && go mod vendor)
+	filters="$build/vendor/gvisor.dev/gvisor/runsc"
+	if (cd "$repo/tools/runsc" && go run ./precompile boot >"$build/boot.go" && go run ./precompile gofer >"$build/gofer.go"); then
+		cp "$build/boot.go" "$filters/boot/filter/filter_precompiled.go"
+		cp "$build/gofer.go" "$filters/fsgofer/filter/filter_precompiled.go"
+	else
+		echo "install.sh: precompiling seccomp filters failed; runsc will compile them at start" >&2
+	fi
+	(cd "$build" && CGO_ENABLED=0 go build -mod=vendor -trimpath -o "$lib/runsc.new" gvisor.dev/gvisor/runsc)
 	mv "$lib/runsc.new" "$lib/runsc"
 	echo "$stamp" >"$lib/runsc.stamp"
+	rm -rf "$build"
+	trap - EXIT
 fi
 
 # 4. PandaStack itself: the server/CLI and the in-sandbox agent, both static.
