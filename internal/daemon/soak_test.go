@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pandastack/pandastack/internal/daemon"
 	"github.com/pandastack/pandastack/internal/daemontest"
 	"github.com/pandastack/pandastack/wire"
 )
@@ -35,8 +36,14 @@ func countHost(t *testing.T, s *daemontest.Server) hostCounts {
 	if out, err := exec.Command("pgrep", "-c", "-f", "runsc-(sandbox|gofer).*"+dataDir).Output(); err == nil {
 		c.runscProcs, _ = strconv.Atoi(strings.TrimSpace(string(out)))
 	}
+	// The runtime's one shared network-namespace mount (made at the first
+	// start, removed at Close) is not a sandbox's.
 	if b, err := os.ReadFile("/proc/self/mounts"); err == nil {
-		c.mounts = strings.Count(string(b), dataDir)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, dataDir) && !strings.Contains(l, "null-netns") {
+				c.mounts++
+			}
+		}
 	}
 	for _, ctl := range []string{"memory", "pids", "cpu", "unified"} {
 		if es, err := os.ReadDir(filepath.Join("/sys/fs/cgroup", ctl, s.CgroupParent)); err == nil {
@@ -269,3 +276,35 @@ func killSentry(id string) {
 }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+// TestFailedCreatesLeaveNothing cuts creates off at different points (a
+// start timeout that fires before runsc returns, during the agent
+// handshake, or not at all) and checks that a failed create leaves no
+// process, mount, cgroup or directory, and a clear 503.
+func TestFailedCreatesLeaveNothing(t *testing.T) {
+	for _, timeout := range []time.Duration{time.Millisecond, 30 * time.Millisecond, 60 * time.Millisecond, 90 * time.Millisecond} {
+		t.Run(timeout.String(), func(t *testing.T) {
+			s := daemontest.Start(t, func(c *daemon.Config) { c.Sandbox.StartTimeout = timeout })
+			before := countHost(t, s)
+			failed := 0
+			for range 5 {
+				resp, b := s.Do(t, "POST", "/v1/sandboxes", wire.CreateSandboxRequest{})
+				switch resp.StatusCode {
+				case http.StatusCreated:
+					var sb wire.Sandbox
+					_ = json.Unmarshal(b, &sb)
+					s.Do(t, "DELETE", "/v1/sandboxes/"+sb.ID, nil)
+				case http.StatusServiceUnavailable:
+					failed++
+					if !strings.Contains(string(b), `"code":"unavailable"`) {
+						t.Errorf("failed create: %s", b)
+					}
+				default:
+					t.Errorf("create: %d %s", resp.StatusCode, b)
+				}
+			}
+			t.Logf("%d of 5 creates failed", failed)
+			checkNoLeaks(t, before, settle(t, s, before))
+		})
+	}
+}

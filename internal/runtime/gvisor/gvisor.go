@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -175,12 +176,21 @@ func (r *Runtime) launch(ctx context.Context, spec runtime.Spec, subcmd ...strin
 	defer logf.Close()
 
 	args := append(append([]string{}, subcmd...), "--bundle="+filepath.Join(dir, "bundle"), spec.ID)
-	cmd := r.runsc(ctx, spec.ID, spec.Limits.DiskBytes, args...)
+	// runsc is never killed half-way through a create or restore: it
+	// would leave a sandbox process behind with no state to delete it by.
+	// A cancelled ctx is honoured once runsc returns (the caller deletes);
+	// only a runsc that hangs for a minute is killed.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	cmd := r.runsc(rctx, spec.ID, spec.Limits.DiskBytes, args...)
 	// The sandbox inherits these descriptors and outlives runsc: they must
 	// be files, not pipes that exec.Cmd would wait on.
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = in, out, logf
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("starting sandbox with runsc %s: %w: %s", subcmd[0], err, tail(filepath.Join(dir, "agent.log"), 2048))
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("starting sandbox: %w", err)
 	}
 	return nil
 }
@@ -278,6 +288,7 @@ func (r *Runtime) Delete(ctx context.Context, id string) error {
 			return fmt.Errorf("deleting sandbox %s with runsc: %w: %s", id, err, strings.TrimSpace(msg))
 		}
 	}
+	r.killStragglers(id)
 	if err := removeCgroups(ctx, r.cfg.CgroupParent, id); err != nil {
 		return err
 	}
@@ -382,4 +393,27 @@ func (r *Runtime) Close() error {
 		return fmt.Errorf("unmounting %s: %w", p, err)
 	}
 	return nil
+}
+
+// killStragglers SIGKILLs any host process still running for the sandbox
+// (its sentry or gofer), found by the sandbox directory on its command
+// line. runsc delete finds them by its state file; this covers a sandbox
+// whose state file was never written or is damaged.
+func (r *Runtime) killStragglers(id string) {
+	needle := []byte(r.dir(id) + "/")
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && bytes.Contains(cmdline, needle) {
+			r.cfg.Log.Warn("killing leftover sandbox process", "id", id, "pid", pid)
+			_ = unix.Kill(pid, unix.SIGKILL)
+		}
+	}
 }
