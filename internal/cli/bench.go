@@ -54,6 +54,7 @@ func figure(name, comment string, d []time.Duration) benchFigure {
 
 type benchOpts struct {
 	n, execs, baselineN, forks int
+	density, rateN             int
 	tmpl, runscPath            string
 	self, asJSON, skipLarge    bool
 }
@@ -101,6 +102,8 @@ pool. With --self=false it measures the server at --url as it is configured.`,
 	f.StringVar(&o.runscPath, "runsc", "", "runsc binary")
 	f.BoolVar(&o.self, "self", true, "start own servers (needs root and the installed templates)")
 	f.BoolVar(&o.skipLarge, "skip-large", false, "skip the 200 MB fork figures")
+	f.IntVar(&o.density, "density", 200, "idle sandboxes to hold at once for the memory-per-sandbox figure (0: skip)")
+	f.IntVar(&o.rateN, "rate", 120, "creates by 4 concurrent clients for the sustained-rate figure (0: skip)")
 	f.BoolVar(&o.asJSON, "json", false, "print JSON")
 	return cmd
 }
@@ -220,6 +223,21 @@ func benchServer(ctx context.Context, c *pandastack.Client, o benchOpts, label s
 	figs = append(figs,
 		figure("snapshot", fmt.Sprintf("idle %s sandbox; %.1f MB on disk each", o.tmpl, float64(size)/1e6), snap),
 		figure("resume after pause", "idle "+o.tmpl+" sandbox; until the resume call returns", resume))
+	if o.rateN > 0 {
+		lat, rate, err := benchRate(ctx, c, o.tmpl, o.rateN, 4)
+		if err != nil {
+			return nil, err
+		}
+		figs = append(figs, figure("create, 4 concurrent clients", fmt.Sprintf("%.1f creates/s sustained", rate), lat))
+	}
+	if o.density > 0 {
+		per, err := benchDensity(ctx, c, o.tmpl, o.density)
+		if err != nil {
+			return nil, err
+		}
+		figs = append(figs, benchFigure{Name: "idle sandbox memory", N: o.density,
+			Comment: fmt.Sprintf("%.1f MiB of host memory each (MemAvailable drop with %d idle sandboxes)", per, o.density)})
+	}
 	if !o.skipLarge {
 		fork, resume200, size200, err := benchLarge(ctx, c, o.forks)
 		if err != nil {
@@ -393,4 +411,93 @@ while [ ! -s /tmp/ready ]; do sleep 0.05; done`
 		resume = append(resume, time.Since(start))
 	}
 	return fork, resume, size, nil
+}
+
+// benchRate creates n sandboxes from `clients` concurrent clients, all held
+// until the end, and returns each create's latency and the overall rate.
+func benchRate(ctx context.Context, c *pandastack.Client, tmpl string, n, clients int) ([]time.Duration, float64, error) {
+	var (
+		mu   sync.Mutex
+		lat  []time.Duration
+		sbs  []*pandastack.Sandbox
+		errs []error
+		wg   sync.WaitGroup
+	)
+	start := time.Now()
+	for w := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < n; i += clients {
+				t := time.Now()
+				sb, err := c.Create(ctx, pandastack.CreateOptions{Template: tmpl, TTL: 5 * time.Minute})
+				mu.Lock()
+				if err != nil {
+					errs = append(errs, err)
+				} else {
+					lat = append(lat, time.Since(t))
+					sbs = append(sbs, sb)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	rate := float64(len(sbs)) / time.Since(start).Seconds()
+	for _, sb := range sbs {
+		_ = sb.Kill(context.WithoutCancel(ctx))
+	}
+	if len(errs) > 0 {
+		return nil, 0, fmt.Errorf("%d of %d creates failed, first: %w", len(errs), n, errs[0])
+	}
+	return lat, rate, nil
+}
+
+// memAvailableMiB reads MemAvailable from /proc/meminfo.
+func memAvailableMiB() (float64, error) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "MemAvailable:"); ok {
+			var kb float64
+			if _, err := fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb); err != nil {
+				return 0, err
+			}
+			return kb / 1024, nil
+		}
+	}
+	return 0, fmt.Errorf("no MemAvailable in /proc/meminfo")
+}
+
+// benchDensity holds n idle sandboxes (each has run one command) and
+// returns the host memory each costs.
+func benchDensity(ctx context.Context, c *pandastack.Client, tmpl string, n int) (float64, error) {
+	before, err := memAvailableMiB()
+	if err != nil {
+		return 0, err
+	}
+	var sbs []*pandastack.Sandbox
+	defer func() {
+		for _, sb := range sbs {
+			_ = sb.Kill(context.WithoutCancel(ctx))
+		}
+	}()
+	for range n {
+		sb, err := c.Create(ctx, pandastack.CreateOptions{Template: tmpl, TTL: 10 * time.Minute})
+		if err != nil {
+			return 0, err
+		}
+		sbs = append(sbs, sb)
+		if _, err := sb.ExecArgv(ctx, []string{"true"}, pandastack.ExecOptions{}); err != nil {
+			return 0, err
+		}
+	}
+	time.Sleep(2 * time.Second)
+	after, err := memAvailableMiB()
+	if err != nil {
+		return 0, err
+	}
+	return (before - after) / float64(n), nil
 }
