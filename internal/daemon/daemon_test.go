@@ -299,6 +299,9 @@ func TestLimitsAtCreate(t *testing.T) {
 	if strings.TrimSpace(res.Stdout) == "0" || res.Stdout == "" {
 		t.Errorf("100 background processes under pids 64 all started: %+v", res)
 	}
+	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "ulimit -n"}); res.Stdout != "65536\n" {
+		t.Errorf("open-file limit: %q, want 65536", res.Stdout)
+	}
 	for _, body := range []string{`{"disk_mb":10}`, `{"disk_mb":100000000}`, `{"pids":1}`, `{"pids":1000000}`} {
 		if resp, b := s.Do(t, "POST", "/v1/sandboxes", body); resp.StatusCode != 400 {
 			t.Errorf("create %s: %d %s, want 400", body, resp.StatusCode, b)
