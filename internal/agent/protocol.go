@@ -86,11 +86,6 @@ type Signal struct {
 	Signal int `json:"signal"`
 }
 
-// Started reports the pid of the started process.
-type Started struct {
-	PID int `json:"pid"`
-}
-
 // Exit is the outcome of an exec.
 type Exit struct {
 	// ExitCode is the process's exit status, or 128+signal when a signal

@@ -216,9 +216,6 @@ func NewManager(o Options) *Manager {
 	}
 }
 
-// Config returns the effective configuration.
-func (m *Manager) Config() Config { return m.cfg }
-
 // Start reconciles the store with what the runtime still runs, then starts
 // the TTL reaper.
 //
