@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -198,7 +199,8 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 			return
 		}
 	}
-	path, err := exec.LookPath(req.Argv[0])
+	env := mergeEnv(os.Environ(), req.Env)
+	path, err := lookPath(req.Argv[0], req.Cwd, envValue(env, "PATH"))
 	if err != nil {
 		// The shell's conventions: 126 for a file that cannot be executed,
 		// 127 for a command that is not found.
@@ -240,7 +242,7 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 
 	cmd := exec.Command(path, req.Argv[1:]...)
 	cmd.Args[0] = req.Argv[0]
-	cmd.Env = mergeEnv(os.Environ(), req.Env)
+	cmd.Env = env
 	cmd.Dir = req.Cwd
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, outW, errW
 	// A process group of its own, so a timeout or kill reaches its children.
@@ -483,4 +485,64 @@ func lowerNproc() (restore func()) {
 		return func() {}
 	}
 	return func() { _ = unix.Prlimit(0, unix.RLIMIT_NPROC, &cur, nil) }
+}
+
+// envValue returns the value of key in a KEY=VALUE list.
+func envValue(env []string, key string) string {
+	for _, kv := range env {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key {
+			return v
+		}
+	}
+	return ""
+}
+
+// lookPath finds the executable the way a shell would for this command: a
+// name with a slash is taken relative to the command's working directory,
+// others are searched in the command's own PATH (not the agent's). A file
+// found but not executable is fs.ErrPermission.
+func lookPath(file, cwd, pathEnv string) (string, error) {
+	if cwd == "" {
+		cwd = "/"
+	}
+	check := func(p string) error {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		if fi.IsDir() || fi.Mode()&0o111 == 0 {
+			return fs.ErrPermission
+		}
+		return nil
+	}
+	if strings.Contains(file, "/") {
+		p := file
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(cwd, p)
+		}
+		if err := check(p); err != nil {
+			return "", &exec.Error{Name: file, Err: err}
+		}
+		return p, nil
+	}
+	denied := false
+	for _, dir := range filepath.SplitList(pathEnv) {
+		if dir == "" {
+			dir = "."
+		}
+		if !filepath.IsAbs(dir) {
+			dir = filepath.Join(cwd, dir)
+		}
+		p := filepath.Join(dir, file)
+		switch err := check(p); {
+		case err == nil:
+			return p, nil
+		case errors.Is(err, fs.ErrPermission):
+			denied = true
+		}
+	}
+	if denied {
+		return "", &exec.Error{Name: file, Err: fs.ErrPermission}
+	}
+	return "", &exec.Error{Name: file, Err: exec.ErrNotFound}
 }

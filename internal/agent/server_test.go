@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -593,5 +595,45 @@ func TestExecOutputCap(t *testing.T) {
 				t.Errorf("output: got %d and %d bytes, want %d and %d", len(r.stdout), len(r.stderr), tt.wantStdout, tt.wantStderr)
 			}
 		})
+	}
+}
+
+func TestLookPath(t *testing.T) {
+	dir := t.TempDir()
+	exe := filepath.Join(dir, "tool")
+	if err := os.WriteFile(exe, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	plain := filepath.Join(dir, "data")
+	if err := os.WriteFile(plain, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		file, cwd, path string
+		want            string
+		wantErr         error
+	}{
+		{"tool", "/", dir, exe, nil},
+		{"tool", "/", "/nowhere:" + dir, exe, nil},
+		{"tool", "/", "/usr/bin", "", exec.ErrNotFound},
+		{"./tool", dir, "", exe, nil},
+		{"tool", dir, "", "", exec.ErrNotFound},
+		{"tool", dir, ".", exe, nil},
+		{exe, "/", "", exe, nil},
+		{"data", "/", dir, "", fs.ErrPermission},
+		{plain, "/", "", "", fs.ErrPermission},
+		{"sh", "/", "/usr/bin:/bin", "", nil},
+	}
+	for _, tt := range tests {
+		got, err := lookPath(tt.file, tt.cwd, tt.path)
+		if tt.wantErr != nil {
+			if !errors.Is(err, tt.wantErr) {
+				t.Errorf("lookPath(%q, %q, %q): got %q, %v, want error %v", tt.file, tt.cwd, tt.path, got, err, tt.wantErr)
+			}
+			continue
+		}
+		if err != nil || (tt.want != "" && got != tt.want) {
+			t.Errorf("lookPath(%q, %q, %q): got %q, %v, want %q", tt.file, tt.cwd, tt.path, got, err, tt.want)
+		}
 	}
 }

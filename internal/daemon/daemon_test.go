@@ -53,6 +53,21 @@ func TestExec(t *testing.T) {
 			}
 		})
 	}
+	// argv is looked up as a shell would: relative to cwd, in the
+	// command's own PATH.
+	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "mkdir -p /opt/bin && printf '#!/bin/sh\necho tool $1\n' > /opt/bin/tool && chmod +x /opt/bin/tool"})
+	for _, req := range []wire.ExecRequest{
+		{Argv: []string{"./tool", "rel"}, Cwd: "/opt/bin"},
+		{Argv: []string{"tool", "path"}, Env: map[string]string{"PATH": "/opt/bin:/usr/bin:/bin"}},
+	} {
+		want := "tool " + req.Argv[1] + "\n"
+		if res := s.Exec(t, sb.ID, req); res.Stdout != want || res.ExitCode != 0 {
+			t.Errorf("%v: got %+v, want %q", req.Argv, res, want)
+		}
+	}
+	if res := s.Exec(t, sb.ID, wire.ExecRequest{Argv: []string{"/etc/passwd"}}); res.ExitCode != 126 {
+		t.Errorf("non-executable: got exit %d, want 126", res.ExitCode)
+	}
 	// The timed-out command's background child was killed with its group.
 	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "ps -eo args | grep -c '^sleep 30' || true"}); res.Stdout != "0\n" {
 		t.Errorf("sleep processes left after timeout: %q", res.Stdout)
