@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -115,7 +116,7 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest, eio ExecIO) (Exit, e
 			buf := make([]byte, 32<<10)
 			for {
 				n, err := eio.Stdin.Read(buf)
-				if n > 0 && send(FrameStdin, buf[:n]) != nil {
+				if n > 0 && sendStdin(send, buf[:n]) != nil {
 					return
 				}
 				if err != nil {
@@ -178,4 +179,22 @@ func ctxErr(ctx context.Context, err error) error {
 		return fmt.Errorf("%w (%w)", ctx.Err(), err)
 	}
 	return err
+}
+
+// sendStdin sends stdin bytes, never letting a whole resync marker stand
+// contiguously in one frame: the agent scans its raw input for markers, and
+// a caller's data must not be able to end the session. A frame boundary (a
+// yamux header falls between frames) inside the magic breaks the match.
+func sendStdin(send func(byte, []byte) error, b []byte) error {
+	for len(b) > 0 {
+		i := bytes.Index(b, []byte(syncMagic))
+		if i < 0 {
+			return send(FrameStdin, b)
+		}
+		if err := send(FrameStdin, b[:i+1]); err != nil {
+			return err
+		}
+		b = b[i+1:]
+	}
+	return nil
 }

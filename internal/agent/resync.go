@@ -23,10 +23,9 @@ import (
 // never existed). No other channel into the sandbox is needed.
 //
 // The magic's first byte occurs nowhere else in it, so matching needs no
-// backtracking. Bytes of the daemon's own stream cannot contain the marker
-// unless a caller deliberately puts it into stdin of an exec; that can only
-// end its own sandbox's session, which the daemon then treats as a dead
-// sandbox.
+// backtracking. The daemon's own stream never contains the marker: JSON
+// requests cannot hold its bytes (0xfe is never valid UTF-8), and the
+// client splits stdin data so that no frame holds the whole magic.
 const syncMagic = "\xfePANDASTACK-RESYNC-1\xfd"
 
 const nonceLen = 16

@@ -53,3 +53,34 @@ func TestMarkerMatcherIgnoresNearMisses(t *testing.T) {
 		}
 	}
 }
+
+func TestSendStdinBreaksMarkers(t *testing.T) {
+	m := []byte(syncMagic + "0123456789abcdef")
+	tests := [][]byte{
+		[]byte("plain"),
+		m,
+		append(append([]byte("x"), m...), m...),
+		append(append([]byte{}, m...), []byte("tail")...),
+	}
+	for _, in := range tests {
+		var frames [][]byte
+		err := sendStdin(func(typ byte, p []byte) error {
+			if typ != FrameStdin {
+				t.Fatalf("frame type %q", typ)
+			}
+			frames = append(frames, append([]byte(nil), p...))
+			return nil
+		}, in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := bytes.Join(frames, nil); !bytes.Equal(got, in) {
+			t.Errorf("frames of %q join to %q", in, got)
+		}
+		for _, f := range frames {
+			if bytes.Contains(f, []byte(syncMagic)) {
+				t.Errorf("frame %q holds the whole magic", f)
+			}
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -52,6 +53,15 @@ func TestExec(t *testing.T) {
 				t.Errorf("timed-out exec took %v", time.Since(start))
 			}
 		})
+	}
+	// Stdin that looks like the agent's resync marker is just data (JSON
+	// turns its invalid bytes into U+FFFD; sendStdin guards raw bytes).
+	marker := strings.ToValidUTF8("before\xfePANDASTACK-RESYNC-1\xfd0123456789abcdefafter", "\uFFFD")
+	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "wc -c", Stdin: marker}); strings.TrimSpace(res.Stdout) != strconv.Itoa(len(marker)) {
+		t.Errorf("stdin with a resync marker: %+v", res)
+	}
+	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo still here"}); res.Stdout != "still here\n" {
+		t.Errorf("after a resync marker in stdin: %+v", res)
 	}
 	// argv is looked up as a shell would: relative to cwd, in the
 	// command's own PATH.
