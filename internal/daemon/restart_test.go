@@ -210,8 +210,18 @@ func TestCrashRecovery(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	if s := recordState(t, dataDir, short.ID); s != wire.StateExpired {
-		t.Errorf("expired record: state %q, want %q", s, wire.StateExpired)
+	// The record is written as the sandbox leaves the API; allow the write
+	// a moment to land.
+	for i := 0; ; i++ {
+		s := recordState(t, dataDir, short.ID)
+		if s == wire.StateExpired {
+			break
+		}
+		if i == 20 {
+			t.Errorf("expired record: state %q, want %q", s, wire.StateExpired)
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 
 	// A graceful stop destroys the sandboxes by default.

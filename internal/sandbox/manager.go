@@ -506,17 +506,20 @@ func (m *Manager) end(ctx context.Context, in *instance, state string) error {
 	client := in.client
 	in.mu.Unlock()
 	ctx = context.WithoutCancel(ctx)
+	// The record changes first, as the API stops showing the sandbox: a
+	// crash during the teardown leaves a runtime leftover without a live
+	// record, which the next start removes.
+	err := m.store.SetSandboxState(ctx, in.id, state, true)
 	if client != nil {
 		client.Close()
 	}
-	err := m.rt.Delete(ctx, in.id)
+	if derr := m.rt.Delete(ctx, in.id); derr != nil {
+		err = errors.Join(err, derr)
+	}
 	if rerr := os.RemoveAll(m.pausedDir(in.id)); rerr != nil {
 		err = errors.Join(err, rerr)
 	}
 	m.forget(in)
-	if serr := m.store.SetSandboxState(ctx, in.id, state, true); serr != nil {
-		err = errors.Join(err, serr)
-	}
 	return err
 }
 
