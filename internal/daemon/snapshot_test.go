@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pandastack/pandastack/internal/daemon"
 	"github.com/pandastack/pandastack/internal/daemontest"
 	"github.com/pandastack/pandastack/internal/testenv"
 	"github.com/pandastack/pandastack/wire"
@@ -280,4 +281,26 @@ while True:
 	if b1 := s.Exec(t, fr.Sandboxes[1].ID, wire.ExecRequest{Cmd: "cat /tmp/answer"}).Stdout; b1 != b {
 		t.Errorf("fork 1 changed with fork 0: %q vs %q", b1, b)
 	}
+}
+
+// TestPausedSandboxesDoNotCount: the server's sandbox limit counts running
+// sandboxes only; a resume that would pass it is refused and the sandbox
+// stays paused.
+func TestPausedSandboxesDoNotCount(t *testing.T) {
+	s := daemontest.Start(t, func(c *daemon.Config) { c.Sandbox.MaxSandboxes = 2 })
+	a := s.Create(t, wire.CreateSandboxRequest{})
+	s.Create(t, wire.CreateSandboxRequest{})
+	if resp, b := s.Do(t, "POST", "/v1/sandboxes", wire.CreateSandboxRequest{}); resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("third create: %d %s, want 429", resp.StatusCode, b)
+	}
+	post[wire.Sandbox](t, s, "/v1/sandboxes/"+a.ID+"/pause", nil, http.StatusOK)
+	c := s.Create(t, wire.CreateSandboxRequest{})
+	if resp, b := s.Do(t, "POST", "/v1/sandboxes/"+a.ID+"/resume", nil); resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("resume past the limit: %d %s, want 429", resp.StatusCode, b)
+	}
+	if resp, b := s.Do(t, "GET", "/v1/sandboxes/"+a.ID, nil); !strings.Contains(string(b), `"state":"paused"`) {
+		t.Fatalf("after a refused resume: %d %s", resp.StatusCode, b)
+	}
+	s.Do(t, "DELETE", "/v1/sandboxes/"+c.ID, nil)
+	post[wire.Sandbox](t, s, "/v1/sandboxes/"+a.ID+"/resume", nil, http.StatusOK)
 }

@@ -168,7 +168,7 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 		discardWarm()
 		return wire.Sandbox{}, errdefs.Unavailable("server is shutting down")
 	}
-	if len(m.live) >= m.cfg.MaxSandboxes {
+	if len(m.live)-m.paused >= m.cfg.MaxSandboxes {
 		m.mu.Unlock()
 		discardWarm()
 		return wire.Sandbox{}, errdefs.New(errdefs.ErrQuota, "server is at its limit of %d sandboxes", m.cfg.MaxSandboxes)

@@ -153,8 +153,11 @@ type Manager struct {
 	reaperWG sync.WaitGroup
 
 	mu sync.Mutex
-	// live holds the sandboxes that are creating or running.
+	// live holds the sandboxes that are creating, running or paused.
 	live map[string]*instance
+	// paused counts the paused ones among them: MaxSandboxes limits the
+	// others only, paused sandboxes cost no memory.
+	paused int
 	// agents maps a template hash to the agent's path inside it.
 	agents map[string]string
 	// pins counts restores in progress per snapshot id; -1 while the
@@ -243,6 +246,7 @@ func (m *Manager) Start(ctx context.Context) error {
 			if _, err := os.Stat(m.pausedDir(r.ID)); err == nil {
 				m.mu.Lock()
 				m.live[r.ID] = &instance{id: r.ID, tenant: r.Tenant, rec: r, endedCh: make(chan struct{})}
+				m.paused++
 				m.mu.Unlock()
 				continue
 			}
@@ -504,7 +508,13 @@ func (m *Manager) end(ctx context.Context, in *instance, state string) error {
 	in.ending = true
 	close(in.endedCh)
 	client := in.client
+	wasPaused := in.rec.State == wire.StatePaused
 	in.mu.Unlock()
+	if wasPaused {
+		m.mu.Lock()
+		m.paused--
+		m.mu.Unlock()
+	}
 	ctx = context.WithoutCancel(ctx)
 	// The record changes first, as the API stops showing the sandbox: a
 	// crash during the teardown leaves a runtime leftover without a live

@@ -287,6 +287,9 @@ func (m *Manager) pauseLocked(ctx context.Context, in *instance) error {
 	}
 	in.rec.State = wire.StatePaused
 	in.rec.PausedBytes = size
+	m.mu.Lock()
+	m.paused++
+	m.mu.Unlock()
 	m.log.Info("sandbox paused", "id", in.id, "bytes", size)
 	return nil
 }
@@ -302,6 +305,12 @@ func (m *Manager) ensureRunning(ctx context.Context, in *instance) error {
 	case wire.StatePaused:
 	default:
 		return errdefs.Conflict("sandbox %q is %s", in.id, in.rec.State)
+	}
+	m.mu.Lock()
+	full := len(m.live)-m.paused >= m.cfg.MaxSandboxes
+	m.mu.Unlock()
+	if full {
+		return errdefs.New(errdefs.ErrQuota, "server is at its limit of %d running sandboxes; sandbox %q stays paused", m.cfg.MaxSandboxes, in.id)
 	}
 	spec, err := m.spec(in.rec)
 	if err != nil {
@@ -325,6 +334,9 @@ func (m *Manager) ensureRunning(ctx context.Context, in *instance) error {
 	in.rec.State = wire.StateRunning
 	in.rec.PausedBytes = 0
 	in.rec.ExpiresAt = exp
+	m.mu.Lock()
+	m.paused--
+	m.mu.Unlock()
 	go m.watch(in, client)
 	if err := os.RemoveAll(dir); err != nil {
 		m.log.Error("removing resumed sandbox's saved state", "id", in.id, "err", err)
