@@ -106,6 +106,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Out == nil {
 		cfg.Out = io.Discard
 	}
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("pandastack serve must run as root: gVisor needs it to create sandboxes")
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("creating data directory: %w", err)
 	}
