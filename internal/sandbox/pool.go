@@ -201,10 +201,21 @@ func (m *Manager) refillPools(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-m.poolKick:
+			// A sandbox was just handed over, and its first commands
+			// are about to run: a refill now (a sandbox boot) would take
+			// the CPU from under them. Let them go first.
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(poolRefillDelay):
+			}
 		case <-time.After(wait):
 		}
 	}
 }
+
+// poolRefillDelay is how long a refill waits after a hand-over.
+const poolRefillDelay = 500 * time.Millisecond
 
 // newPooled starts one warm sandbox: created like any other, then given
 // one throwaway exec of the shell (what most commands start with) so the
