@@ -177,27 +177,30 @@ func decode(r *http.Request, v any) error {
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return errdefs.New(errdefs.ErrTooLarge, "request body exceeds %d bytes", mbe.Limit)
+		if tl := tooLarge(err); tl != nil {
+			return tl
 		}
 		if errors.Is(err, io.EOF) {
 			return errdefs.Invalid("request body is empty; expected a JSON object")
 		}
 		return errdefs.Invalid("decoding request body: %v", err)
 	}
+	// Token reads on to the end of the body: io.EOF means nothing follows.
 	if _, err := dec.Token(); err != io.EOF {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return errdefs.New(errdefs.ErrTooLarge, "request body exceeds %d bytes", mbe.Limit)
+		if tl := tooLarge(err); tl != nil {
+			return tl
 		}
 		return errdefs.Invalid("request body has data after the JSON object")
 	}
-	if _, err := io.Copy(io.Discard, r.Body); err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return errdefs.New(errdefs.ErrTooLarge, "request body exceeds %d bytes", mbe.Limit)
-		}
+	return nil
+}
+
+// tooLarge returns the ErrTooLarge error for a body that hit its size
+// limit, or nil.
+func tooLarge(err error) error {
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		return errdefs.New(errdefs.ErrTooLarge, "request body exceeds %d bytes", mbe.Limit)
 	}
 	return nil
 }

@@ -54,8 +54,7 @@ func (m *Manager) templateImage(ctx context.Context, tpl template.Template) (str
 }
 
 func (m *Manager) makeTemplateImage(ctx context.Context, tpl template.Template, dir string) error {
-	cp, err := m.checkpointer()
-	if err != nil {
+	if _, err := m.checkpointer(); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Minute)
@@ -70,6 +69,7 @@ func (m *Manager) makeTemplateImage(ctx context.Context, tpl template.Template, 
 		return err
 	}
 	defer m.rt.Delete(context.WithoutCancel(ctx), id)
+	defer client.Close()
 	if tpl.Warm != "" {
 		var out strings.Builder
 		collect := func(b []byte) error {
@@ -81,20 +81,11 @@ func (m *Manager) makeTemplateImage(ctx context.Context, tpl template.Template, 
 		ex, err := client.Exec(ctx, agent.ExecRequest{Argv: []string{"/bin/sh", "-c", tpl.Warm}, TimeoutMS: 120_000},
 			agent.ExecIO{Stdout: collect, Stderr: collect})
 		if err != nil || ex.ExitCode != 0 {
-			client.Close()
 			return fmt.Errorf("warming template %q: exit %d, %v: %s", tpl.Name, ex.ExitCode, err, out.String())
 		}
 	}
 	tmp := dir + ".saving"
-	os.RemoveAll(tmp)
-	if err := os.MkdirAll(tmp, 0o700); err != nil {
-		client.Close()
-		return err
-	}
-	err = cp.Checkpoint(ctx, id, tmp, false)
-	client.Close()
-	if err != nil {
-		os.RemoveAll(tmp)
+	if err := m.checkpointTo(ctx, id, tmp, false); err != nil {
 		return fmt.Errorf("checkpointing template %q: %w", tpl.Name, err)
 	}
 	if err := os.WriteFile(filepath.Join(tmp, "ready"), nil, 0o600); err != nil {

@@ -70,9 +70,9 @@ func randomID(prefix string) string {
 	return prefix + hex.EncodeToString(b)
 }
 
-// checkpointTo saves the running sandbox into a new directory dir; on error
-// nothing of dir is left.
-func (m *Manager) checkpointTo(ctx context.Context, in *instance, dir string, leaveRunning bool) error {
+// checkpointTo saves the running sandbox id into a new directory dir; on
+// error nothing of dir is left.
+func (m *Manager) checkpointTo(ctx context.Context, id, dir string, leaveRunning bool) error {
 	cp, err := m.checkpointer()
 	if err != nil {
 		return err
@@ -83,9 +83,9 @@ func (m *Manager) checkpointTo(ctx context.Context, in *instance, dir string, le
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("creating checkpoint directory: %w", err)
 	}
-	if err := cp.Checkpoint(ctx, in.id, dir, leaveRunning); err != nil {
+	if err := cp.Checkpoint(ctx, id, dir, leaveRunning); err != nil {
 		os.RemoveAll(dir)
-		return errdefs.Unavailable("saving sandbox %s: %v", in.id, err)
+		return errdefs.Unavailable("saving sandbox %s: %v", id, err)
 	}
 	return nil
 }
@@ -108,7 +108,7 @@ func (m *Manager) Snapshot(ctx context.Context, tenant, id string) (wire.Snapsho
 	}
 	dir := m.snapshotDir(sn.ID)
 	tmp := dir + ".saving"
-	if err := m.checkpointTo(ctx, in, tmp, true); err != nil {
+	if err := m.checkpointTo(ctx, in.id, tmp, true); err != nil {
 		return wire.Snapshot{}, err
 	}
 	if err := os.Rename(tmp, dir); err != nil {
@@ -196,7 +196,7 @@ func (m *Manager) Fork(ctx context.Context, tenant, id string, req wire.ForkRequ
 	}
 	r := in.rec
 	image := filepath.Join(m.stateDir, "snapshots", randomID(".fork-"))
-	err = m.checkpointTo(ctx, in, image, true)
+	err = m.checkpointTo(ctx, in.id, image, true)
 	in.mu.Unlock()
 	if err != nil {
 		return nil, err
@@ -270,7 +270,7 @@ func (m *Manager) pauseLocked(ctx context.Context, in *instance) error {
 		return errdefs.Conflict("sandbox %q is %s", in.id, in.rec.State)
 	}
 	dir := m.pausedDir(in.id)
-	if err := m.checkpointTo(ctx, in, dir, false); err != nil {
+	if err := m.checkpointTo(ctx, in.id, dir, false); err != nil {
 		return err
 	}
 	// Drop the client first: the watch then knows the session's end is

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/pandastack/pandastack/internal/errdefs"
@@ -209,7 +210,7 @@ func (s *Store) ListSandboxes(ctx context.Context, tenant string, states ...stri
 	q := `SELECT ` + sandboxCols + ` FROM sandboxes WHERE (? = '' OR tenant = ?)`
 	args := []any{tenant, tenant}
 	if len(states) > 0 {
-		q += ` AND state IN (?` + repeat(",?", len(states)-1) + `)`
+		q += ` AND state IN (?` + strings.Repeat(",?", len(states)-1) + `)`
 		for _, st := range states {
 			args = append(args, st)
 		}
@@ -229,14 +230,6 @@ func (s *Store) ListSandboxes(ctx context.Context, tenant string, states ...stri
 		out = append(out, sb)
 	}
 	return out, rows.Err()
-}
-
-func repeat(s string, n int) string {
-	out := ""
-	for range n {
-		out += s
-	}
-	return out
 }
 
 // SetSandboxState records a state change; ended states also record when.
