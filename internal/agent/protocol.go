@@ -14,6 +14,7 @@
 package agent
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -70,8 +71,9 @@ type ExecRequest struct {
 	// replacing keys it already has.
 	Env []string `json:"env,omitempty"`
 	Cwd string   `json:"cwd,omitempty"`
-	// TimeoutMS kills the process group after that many milliseconds; 0 means
-	// no timeout.
+	// TimeoutMS kills the command (its process group, its descendants and
+	// the holders of its pipes) after that many milliseconds; 0 means no
+	// timeout.
 	TimeoutMS int64 `json:"timeout_ms,omitempty"`
 	// Stdin reports whether stdin frames follow; without it the process gets
 	// an empty stdin.
@@ -119,11 +121,38 @@ func WriteFrame(w io.Writer, typ byte, payload []byte) error {
 
 // WriteJSON writes one frame whose payload is v as JSON.
 func WriteJSON(w io.Writer, typ byte, v any) error {
-	b, err := json.Marshal(v)
+	b, err := encodeJSON(v)
 	if err != nil {
 		return fmt.Errorf("encoding frame %q: %w", typ, err)
 	}
 	return WriteFrame(w, typ, b)
+}
+
+// encodeJSON is json.Marshal without HTML escaping: Marshal writes each
+// <, > and & as a six-byte \u003c escape, which would let a request of
+// ordinary size (a 200,000-character value of '<') exceed MaxFrame. Nothing
+// here is embedded in HTML.
+func encodeJSON(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	// Encode ends every value with a newline; the frame carries the value
+	// alone.
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}
+
+// EncodedSize returns the size of req's frame payload as the client sends
+// it. A request over MaxFrame cannot be sent; the daemon uses this to
+// refuse one up front (as a bad request) instead of failing mid-call.
+func EncodedSize(req Request) (int, error) {
+	b, err := encodeJSON(req)
+	if err != nil {
+		return 0, fmt.Errorf("encoding %s request: %w", req.Op, err)
+	}
+	return len(b), nil
 }
 
 // ReadFrame reads one frame.
