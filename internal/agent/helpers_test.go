@@ -138,10 +138,14 @@ type testAgent struct {
 }
 
 // startAgentServer starts a Server and serves one session on fresh pipes.
-// Everything is torn down, and checked for leaked goroutines, at cleanup.
-func startAgentServer(t *testing.T) *testAgent {
+// configure, if any, adjusts the Server before it serves. Everything is torn
+// down, and checked for leaked goroutines, at cleanup.
+func startAgentServer(t *testing.T, configure ...func(*Server)) *testAgent {
 	t.Helper()
 	h := startServer(t)
+	for _, f := range configure {
+		f(h.srv)
+	}
 	t.Cleanup(func() {
 		if err := h.stop(); err != nil {
 			t.Error(err)
@@ -168,9 +172,9 @@ func startAgentServer(t *testing.T) *testAgent {
 }
 
 // startAgent starts a Server and returns a Client connected to it.
-func startAgent(t *testing.T) (*Client, *testAgent) {
+func startAgent(t *testing.T, configure ...func(*Server)) (*Client, *testAgent) {
 	t.Helper()
-	a := startAgentServer(t)
+	a := startAgentServer(t, configure...)
 	c, err := NewClient(a.daemonEnd)
 	if err != nil {
 		t.Fatal(err)

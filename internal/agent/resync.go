@@ -96,14 +96,19 @@ func (c sessionConn) Write(p []byte) (int, error) { return c.w.Write(p) }
 func (c sessionConn) Close() error                { return c.PipeReader.Close() }
 
 // ServeStdio serves sessions over a byte stream with history (the agent's
-// stdin and stdout): every resync marker on in starts a new session and ends
-// the previous one. It returns when in fails or ctx ends.
+// transport, which was its stdin and stdout): every resync marker on in
+// starts a new session and ends the previous one. It returns when in fails
+// or ctx ends, once its sessions are over.
 func (s *Server) ServeStdio(ctx context.Context, in io.Reader, out io.Writer) error {
 	lw := &lockedWriter{w: out}
 	var (
 		curW  *sessionWriter
 		curPW *io.PipeWriter
+		// sessions are the Serve calls started here; an ended session's
+		// Serve returns on its own once its calls are done.
+		sessions sync.WaitGroup
 	)
+	defer sessions.Wait()
 	endSession := func() {
 		if curW == nil {
 			return
@@ -142,11 +147,11 @@ func (s *Server) ServeStdio(ctx context.Context, in io.Reader, out io.Writer) er
 			pr, pw := io.Pipe()
 			curW, curPW = &sessionWriter{out: lw}, pw
 			conn := sessionConn{PipeReader: pr, w: curW}
-			go func() {
+			sessions.Go(func() {
 				if err := s.Serve(ctx, conn); err != nil {
 					s.log.Warn("agent session ended", "err", err)
 				}
-			}()
+			})
 			data = data[end:]
 		}
 		if err != nil {

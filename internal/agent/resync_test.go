@@ -2,7 +2,15 @@ package agent
 
 import (
 	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestMarkerMatcherSplits(t *testing.T) {
@@ -82,5 +90,125 @@ func TestSendStdinBreaksMarkers(t *testing.T) {
 				t.Errorf("frame %q holds the whole magic", f)
 			}
 		}
+	}
+}
+
+// fifoStdio is an agent's stdio as the runtime makes it: two FIFOs that the
+// agent holds open read-write, and that each daemon connection opens anew.
+type fifoStdio struct {
+	dir     string
+	in, out *os.File // the agent's ends
+}
+
+func newFIFOStdio(t *testing.T) *fifoStdio {
+	t.Helper()
+	dir := t.TempDir()
+	f := &fifoStdio{dir: dir}
+	for _, name := range []string{"in", "out"} {
+		if err := unix.Mkfifo(filepath.Join(dir, name), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var err error
+	if f.in, err = os.OpenFile(filepath.Join(dir, "in"), os.O_RDWR, 0); err != nil {
+		t.Fatal(err)
+	}
+	if f.out, err = os.OpenFile(filepath.Join(dir, "out"), os.O_RDWR, 0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.in.Close(); f.out.Close() })
+	return f
+}
+
+// connect opens the daemon's ends, as the runtime's Connect does.
+func (f *fifoStdio) connect() (*pipeConn, error) {
+	w, err := os.OpenFile(filepath.Join(f.dir, "in"), os.O_WRONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	r, err := os.OpenFile(filepath.Join(f.dir, "out"), os.O_RDONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		w.Close()
+		return nil, err
+	}
+	return &pipeConn{r: r, w: w}, nil
+}
+
+// waitGoroutines waits until at most n goroutines run and returns the
+// last count.
+func waitGoroutines(n int, timeout time.Duration) int {
+	deadline := time.Now().Add(timeout)
+	for {
+		got := runtime.NumGoroutine()
+		if got <= n || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestServeStdioReconnectsDoNotLeak(t *testing.T) {
+	// Regression: Serve closed its session from a goroutine that waited
+	// for a context that is never cancelled in the agent, so every daemon
+	// reconnect left a goroutine (and its yamux session) behind.
+	h := startServer(t)
+	stdio := newFIFOStdio(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- h.srv.ServeStdio(ctx, stdio.in, stdio.out) }()
+	t.Cleanup(func() {
+		cancel()
+		stdio.in.Close() // ends ServeStdio's read
+		select {
+		case <-served:
+		case <-time.After(10 * time.Second):
+			t.Error("ServeStdio did not return after its input closed")
+		}
+		if err := h.stop(); err != nil {
+			t.Error(err)
+		}
+	})
+
+	session := func() error {
+		conn, err := stdio.connect()
+		if err != nil {
+			return err
+		}
+		dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer dcancel()
+		c, err := Dial(dctx, conn)
+		if err != nil {
+			conn.Close()
+			return err
+		}
+		defer c.Close()
+		_, err = c.Ping(dctx)
+		return err
+	}
+	// The first sessions settle what runs once per process (the poller,
+	// signal handling).
+	for range 3 {
+		if err := session(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	base := runtime.NumGoroutine()
+	const reconnects = 40
+	for i := range reconnects {
+		if err := session(); err != nil {
+			t.Fatalf("session %d: %v", i, err)
+		}
+	}
+	// The last session stays open on the agent's side until the next
+	// marker; everything of the earlier ones is gone.
+	if got := waitGoroutines(base+2, 10*time.Second); got > base+2 {
+		t.Errorf("goroutines after %d reconnects: got %d, want at most %d; the agent's:\n%s",
+			reconnects, got, base+2, strings.Join(goroutinesMatching("internal/agent."), "\n\n"))
+	}
+	if got := len(goroutinesMatching("internal/agent.(*Server).Serve(")); got > 1 {
+		t.Errorf("Serve goroutines: got %d, want at most 1", got)
+	}
+	if err := session(); err != nil {
+		t.Fatalf("session after the reconnects: %v", err)
 	}
 }

@@ -22,9 +22,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// outputGrace is how long an exec keeps reading output after its process
-// exited, for what the process wrote just before exiting. A background child
-// that keeps the pipe open past it loses its pipe (it gets EPIPE).
+// outputGrace is how long an exec waits for its output pipes to close after
+// its process exited: they stay open while a background child holds them.
+// Past it, the exec reads what the pipes hold at that moment (everything the
+// process wrote before exiting is there or already read) and closes them;
+// the background child then gets EPIPE or SIGPIPE.
 const outputGrace = 150 * time.Millisecond
 
 // Server is the in-sandbox side. It runs commands and reaps every child,
@@ -34,6 +36,8 @@ const outputGrace = 150 * time.Millisecond
 // session ends (for example on fresh pipes after a restore).
 type Server struct {
 	log *slog.Logger
+	// outputGrace is the package's outputGrace; tests shorten it.
+	outputGrace time.Duration
 
 	mu sync.Mutex
 	// waiters maps a started pid to the channel its wait status goes to.
@@ -42,20 +46,25 @@ type Server struct {
 
 // NewServer returns a Server and starts its reaper, which runs until ctx ends.
 func NewServer(ctx context.Context, log *slog.Logger) *Server {
-	s := &Server{log: log, waiters: make(map[int]chan unix.WaitStatus)}
+	s := &Server{log: log, outputGrace: outputGrace, waiters: make(map[int]chan unix.WaitStatus)}
 	// Become a subreaper so orphans come to us even when we are not PID 1.
 	_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-	signal.Ignore(syscall.SIGPIPE)
+	// SIGPIPE is caught and dropped, not ignored: an ignored disposition
+	// is inherited across execve, and every command would run with SIGPIPE
+	// ignored. (Go itself only dies of SIGPIPE on fds 1 and 2, but nothing
+	// here should depend on which descriptor a write goes to.)
 	sigc := make(chan os.Signal, 16)
-	signal.Notify(sigc, syscall.SIGCHLD)
+	signal.Notify(sigc, syscall.SIGCHLD, syscall.SIGPIPE)
 	go func() {
 		defer signal.Stop(sigc)
 		for {
 			select {
 			case <-ctx.Done():
 				return
-			case <-sigc:
-				s.reap()
+			case sig := <-sigc:
+				if sig == syscall.SIGCHLD {
+					s.reap()
+				}
 			}
 		}
 	}()
@@ -84,17 +93,23 @@ func (s *Server) reap() {
 	}
 }
 
-// Serve runs one yamux session over conn until it ends.
+// Serve runs one yamux session over conn until it ends (conn fails or ctx
+// ends), then waits for the session's calls to finish: ending the session
+// ends their streams, which kills their commands.
 func (s *Server) Serve(ctx context.Context, conn io.ReadWriteCloser) error {
 	cfg := yamuxConfig()
 	sess, err := yamux.Server(newHeaderJoiner(conn), cfg)
 	if err != nil {
 		return fmt.Errorf("starting yamux session: %w", err)
 	}
-	defer sess.Close()
-	go func() {
-		<-ctx.Done()
+	// Undone when Serve returns: the agent's own context never ends, and a
+	// goroutine waiting for it would keep every past session alive.
+	stop := context.AfterFunc(ctx, func() { sess.Close() })
+	var calls sync.WaitGroup
+	defer func() {
+		stop()
 		sess.Close()
+		calls.Wait()
 	}()
 	for {
 		st, err := sess.AcceptStream()
@@ -104,7 +119,7 @@ func (s *Server) Serve(ctx context.Context, conn io.ReadWriteCloser) error {
 			}
 			return fmt.Errorf("accepting stream: %w", err)
 		}
-		go s.handle(ctx, st)
+		calls.Go(func() { s.handle(ctx, st) })
 	}
 }
 
@@ -281,9 +296,20 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 	// registration; reaping again catches it.
 	s.reap()
 
-	var killedByUs sync.Once
-	killGroup := func() {
-		killedByUs.Do(func() { _ = unix.Kill(-pid, unix.SIGKILL) })
+	// A timeout or the caller going away kills every process of the
+	// command that can be found (see killExec), not only its group. Once
+	// the process is reaped its pid may be reused, and nothing is killed:
+	// background children of a command that ended are left alone, as they
+	// are when nobody goes away.
+	inodes := pipeInodes(outR, errR, stdinW)
+	var reaped atomic.Bool
+	var killOnce sync.Once
+	killAll := func() {
+		killOnce.Do(func() {
+			if !reaped.Load() {
+				killExec(pid, inodes)
+			}
+		})
 	}
 
 	// Stdin is written by its own goroutine from a queue, so that a process
@@ -308,7 +334,7 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 	}
 
 	// Frames from the daemon: stdin, signals. The stream closing early means
-	// the caller went away: the process group is killed.
+	// the caller went away: the command is killed.
 	callerGone := make(chan struct{})
 	go func() {
 		defer stdinQ.close()
@@ -338,9 +364,9 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 		defer wg.Done()
 		buf := make([]byte, 32<<10)
 		var sent int64
-		for {
-			n, err := r.Read(buf)
-			chunk := buf[:n]
+		// forward sends a chunk and reports whether the caller still
+		// takes output.
+		forward := func(chunk []byte) bool {
 			if limit := req.MaxOutputBytes; limit > 0 && sent+int64(len(chunk)) > limit {
 				// Past the cap, output is read and dropped: the process
 				// does not block, and nothing more crosses the transport.
@@ -349,10 +375,23 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 			}
 			if len(chunk) > 0 {
 				sent += int64(len(chunk))
-				if werr := fw.frame(typ, chunk); werr != nil {
-					killGroup()
-					return
+				if err := fw.frame(typ, chunk); err != nil {
+					killAll()
+					return false
 				}
+			}
+			return true
+		}
+		for {
+			n, err := r.Read(buf)
+			if !forward(buf[:n]) {
+				return
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				// The grace after the process exited is over and a
+				// background child still holds the pipe.
+				drainBuffered(r, buf, forward)
+				return
 			}
 			if err != nil {
 				return
@@ -379,30 +418,34 @@ wait:
 		case <-timeout:
 			timedOut = true
 			timeout = nil
-			killGroup()
+			killAll()
 		case <-callerGone:
 			callerGone = nil
-			killGroup()
+			killAll()
 		case <-ctx.Done():
-			killGroup()
+			killAll()
 			ws = <-exitc
 			break wait
 		}
 	}
-	if timedOut {
-		// Whatever else of the group still runs goes too.
-		_ = unix.Kill(-pid, unix.SIGKILL)
-	}
+	reaped.Store(true)
 
+	// Everything the process wrote is now in the pipes or already read.
+	// The pipes close when the last background child holding them exits;
+	// past the grace the pumps stop waiting for that, but read what the
+	// pipes hold first: a pump that was not scheduled in time (hundreds of
+	// execs ending at once) must not lose the command's output.
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
+	grace := time.NewTimer(s.outputGrace)
 	select {
 	case <-done:
-	case <-time.After(outputGrace):
-		outR.Close()
-		errR.Close()
+	case <-grace.C:
+		_ = outR.SetReadDeadline(time.Now())
+		_ = errR.SetReadDeadline(time.Now())
 		<-done
 	}
+	grace.Stop()
 	outR.Close()
 	errR.Close()
 
@@ -418,6 +461,44 @@ wait:
 		exit.ExitCode = 124
 	}
 	_ = fw.json(FrameExit, exit)
+}
+
+// drainBuffered hands what the pipe r holds right now to forward, without
+// waiting for more. It reads at most what FIONREAD reports at the start, so
+// a background child that keeps writing cannot keep the exec reading. The
+// reads are raw non-blocking ones: r's read deadline has passed, so r.Read
+// would fail without reading.
+func drainBuffered(r *os.File, buf []byte, forward func([]byte) bool) {
+	rc, err := r.SyscallConn()
+	if err != nil {
+		return
+	}
+	left := 0
+	var ierr error
+	// TIOCINQ is FIONREAD's name in x/sys/unix; on a pipe it is the
+	// number of bytes buffered, in Linux and in gVisor.
+	if err := rc.Control(func(fd uintptr) { left, ierr = unix.IoctlGetInt(int(fd), unix.TIOCINQ) }); err != nil || ierr != nil {
+		return
+	}
+	for left > 0 {
+		var n int
+		var rerr error
+		err := rc.Control(func(fd uintptr) {
+			for {
+				n, rerr = unix.Read(int(fd), buf[:min(len(buf), left)])
+				if rerr != unix.EINTR {
+					return
+				}
+			}
+		})
+		if err != nil || rerr != nil || n <= 0 {
+			return
+		}
+		left -= n
+		if !forward(buf[:n]) {
+			return
+		}
+	}
 }
 
 // byteQueue is an unbounded FIFO of byte slices with a close.

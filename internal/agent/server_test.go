@@ -637,3 +637,194 @@ func TestLookPath(t *testing.T) {
 		}
 	}
 }
+
+func TestExecChildSignalDispositions(t *testing.T) {
+	// Regression: the agent ignored SIGPIPE with signal.Ignore, and an
+	// ignored disposition survives execve: every command then ran with
+	// SIGPIPE ignored (`yes | head` spun on EPIPE instead of dying). The
+	// agent drops the signals it catches through handlers instead, which
+	// execve resets to the default.
+	c, _ := startAgent(t)
+	r := runExec(context.Background(), c, ExecRequest{Argv: []string{"grep", "^SigIgn:", "/proc/self/status"}, TimeoutMS: 10_000}, ExecIO{})
+	if r.err != nil || r.exit != (Exit{}) {
+		t.Fatalf("got %+v, %v (stderr %q), want exit 0", r.exit, r.err, r.stderr)
+	}
+	if want := "SigIgn:\t0000000000000000\n"; r.stdout != want {
+		t.Errorf("ignored signals of a command: got %q, want %q", r.stdout, want)
+	}
+	for _, sig := range []unix.Signal{unix.SIGHUP, unix.SIGINT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGPIPE, unix.SIGALRM, unix.SIGTERM} {
+		t.Run(unix.SignalName(sig), func(t *testing.T) {
+			script := fmt.Sprintf("kill -%d $$; sleep 10", int(sig))
+			r := runExec(context.Background(), c, ExecRequest{Argv: sh(script), TimeoutMS: 20_000}, ExecIO{})
+			if r.err != nil {
+				t.Fatal(r.err)
+			}
+			if want := (Exit{ExitCode: 128 + int(sig), Signal: int(sig)}); r.exit != want {
+				t.Errorf("exit of a shell that sent itself %v: got %+v, want %+v", sig, r.exit, want)
+			}
+		})
+	}
+}
+
+func TestExecOutputNotLostAfterExit(t *testing.T) {
+	// Regression: after the process exited, the exec read output for at
+	// most outputGrace and then closed the pipes, even when the output was
+	// already in them and only the reader goroutine had not run yet (200
+	// concurrent `sleep 1; echo ok` in one sandbox sometimes returned exit
+	// 0 with no output). A zero grace is that reader never being scheduled
+	// in time.
+	tests := []struct {
+		name   string
+		grace  time.Duration
+		n      int
+		script string // %d is the exec's index
+		// prefix is the stdout before the exec's line.
+		prefix string
+	}{
+		{name: "reader never in time", grace: 0, n: 40, script: "echo line-%d"},
+		{name: "reader never in time, more than one read", grace: 0, n: 8, script: "head -c 100000 /dev/zero | tr '\\0' x; echo; echo line-%d", prefix: strings.Repeat("x", 100000) + "\n"},
+		{name: "many at once", grace: outputGrace, n: 200, script: "sleep 1; echo line-%d"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, _ := startAgent(t, func(s *Server) { s.outputGrace = tt.grace })
+			var wg sync.WaitGroup
+			errs := make(chan error, tt.n)
+			for i := range tt.n {
+				wg.Go(func() {
+					r := runExec(context.Background(), c, ExecRequest{Argv: sh(fmt.Sprintf(tt.script, i)), TimeoutMS: 120_000}, ExecIO{})
+					want := tt.prefix + fmt.Sprintf("line-%d\n", i)
+					if r.err != nil || r.exit != (Exit{}) || r.stdout != want {
+						errs <- fmt.Errorf("exec %d: got %+v, %v, stdout %d bytes ending %q; want exit 0, stdout %d bytes ending %q",
+							i, r.exit, r.err, len(r.stdout), r.stdout[max(0, len(r.stdout)-20):], len(want), want[max(0, len(want)-20):])
+					}
+				})
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Error(err)
+			}
+		})
+	}
+}
+
+func TestExecBackgroundWriterDoesNotHoldExec(t *testing.T) {
+	// Output buffered when the process exits is read to the end, but a
+	// background child that keeps writing must not keep the exec alive.
+	c, _ := startAgent(t)
+	r := runExec(context.Background(), c, ExecRequest{Argv: sh("yes & echo $! >&2"), TimeoutMS: 60_000, MaxOutputBytes: 1 << 10}, ExecIO{})
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	child, err := strconv.Atoi(strings.TrimSpace(r.stderr))
+	if err != nil {
+		t.Fatalf("background child's pid: %q: %v", r.stderr, err)
+	}
+	t.Cleanup(func() { _ = unix.Kill(child, unix.SIGKILL) })
+	if r.exit.ExitCode != 0 || r.exit.TimedOut {
+		t.Errorf("exit: got %+v, want exit 0", r.exit)
+	}
+	// Once the exec closed its end, the writer dies of SIGPIPE.
+	if !waitProcessGone(child, 10*time.Second) {
+		t.Errorf("background writer %d still runs after the exec closed its pipe", child)
+	}
+}
+
+// processesWithEnv returns the running (not zombie) processes whose initial
+// environment holds kv.
+func processesWithEnv(kv string) []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if err != nil || !slices.Contains(strings.Split(string(b), "\x00"), kv) {
+			continue
+		}
+		if !processGone(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// waitNoProcessesWithEnv waits up to timeout until no process with kv in
+// its environment runs, and returns the ones that still do.
+func waitNoProcessesWithEnv(kv string, timeout time.Duration) []int {
+	deadline := time.Now().Add(timeout)
+	for {
+		left := processesWithEnv(kv)
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestExecKillsEscapedProcesses(t *testing.T) {
+	// Regression: a timeout or a caller going away killed only the
+	// process group, so `setsid cmd &` (a new session, hence a new group)
+	// inside an exec ran on.
+	c, _ := startAgent(t)
+	tests := []struct {
+		name      string
+		script    string
+		timeoutMS int64
+		// cancelOnReady: the caller goes away once "ready" is printed.
+		cancelOnReady bool
+	}{
+		{name: "new session, timeout", script: "setsid sh -c 'sleep 1000' & sleep 1000", timeoutMS: 1000},
+		{name: "new session without the exec's pipes, timeout", script: "setsid sh -c 'sleep 1000' </dev/null >/dev/null 2>&1 & sleep 1000", timeoutMS: 1000},
+		{name: "double fork holding the output pipe, timeout", script: "(setsid sleep 1000 &); sleep 1000", timeoutMS: 1000},
+		{name: "new session, caller gone", script: "setsid sh -c 'sleep 1000' & echo ready; sleep 1000", timeoutMS: 60_000, cancelOnReady: true},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mark := fmt.Sprintf("PANDASTACK_TEST_MARK=%d-%d", os.Getpid(), i)
+			t.Cleanup(func() {
+				for _, pid := range processesWithEnv(mark) {
+					_ = unix.Kill(pid, unix.SIGKILL)
+				}
+			})
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			ready := newLineWaiter("ready\n")
+			done := make(chan execResult, 1)
+			go func() {
+				done <- runExec(ctx, c, ExecRequest{Argv: sh(tt.script), Env: []string{mark}, TimeoutMS: tt.timeoutMS}, ExecIO{Stdout: ready.write})
+			}()
+			if tt.cancelOnReady {
+				ready.waitFor(t, 20*time.Second)
+				cancel()
+			}
+			var r execResult
+			select {
+			case r = <-done:
+			case <-time.After(60 * time.Second):
+				t.Fatal("exec did not end")
+			}
+			if !tt.cancelOnReady && (r.err != nil || !r.exit.TimedOut) {
+				t.Errorf("got %+v, %v, want a timeout", r.exit, r.err)
+			}
+			if left := waitNoProcessesWithEnv(mark, 10*time.Second); len(left) > 0 {
+				var cmds []string
+				for _, pid := range left {
+					b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+					cmds = append(cmds, fmt.Sprintf("%d %q", pid, strings.ReplaceAll(string(b), "\x00", " ")))
+				}
+				t.Errorf("processes of the exec still running: got %v, want none", cmds)
+			}
+		})
+	}
+	// The agent is alive and well.
+	if _, err := c.Ping(context.Background()); err != nil {
+		t.Fatalf("ping after the kills: %v", err)
+	}
+}
