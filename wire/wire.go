@@ -82,6 +82,13 @@ type ForkResponse struct {
 	Sandboxes []Sandbox `json:"sandboxes"`
 }
 
+// SnapshotRequest is the (optional) body of POST /v1/sandboxes/{id}/snapshot.
+type SnapshotRequest struct {
+	// TTLSeconds is how long the snapshot is kept; the server's snapshot
+	// TTL (also the most allowed) when zero.
+	TTLSeconds int `json:"ttl_seconds,omitempty"`
+}
+
 // Snapshot is a saved sandbox: memory of every process and the writable
 // filesystem.
 type Snapshot struct {
@@ -90,6 +97,14 @@ type Snapshot struct {
 	Template      string    `json:"template"`
 	SizeBytes     int64     `json:"size_bytes"`
 	CreatedAt     time.Time `json:"created_at"`
+	// ExpiresAt is when the snapshot is deleted; absent for snapshots
+	// made before snapshots expired.
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	// The limits every sandbox created from the snapshot has.
+	CPU      float64 `json:"cpu"`
+	MemoryMB int     `json:"memory_mb"`
+	DiskMB   int     `json:"disk_mb"`
+	Pids     int     `json:"pids"`
 }
 
 // SnapshotList is the body of GET /v1/snapshots.
@@ -174,9 +189,14 @@ type Health struct {
 type Error struct {
 	// Code is a stable machine-readable kind: invalid_argument, not_found,
 	// conflict, unauthenticated, unavailable, quota_exceeded, too_large,
-	// internal.
-	Code    string `json:"code"`
+	// insufficient_storage, timeout, internal.
+	Code string `json:"code"`
+	// Message is written for the tenant; it never holds the server's
+	// internal details (those are in the server's log, under RequestID).
 	Message string `json:"message"`
+	// RequestID is the request's id, also sent as the X-Request-Id header:
+	// quote it when reporting a problem.
+	RequestID string `json:"request_id,omitempty"`
 }
 
 // ErrorResponse wraps Error as {"error": {...}}.
@@ -194,4 +214,10 @@ const (
 	CodeQuota           = "quota_exceeded"
 	CodeTooLarge        = "too_large"
 	CodeInternal        = "internal"
+	// CodeInsufficientStorage: the server's disk cannot take what the
+	// request would write (507).
+	CodeInsufficientStorage = "insufficient_storage"
+	// CodeTimeout: something the request waited for inside the server did
+	// not answer in time (504).
+	CodeTimeout = "timeout"
 )

@@ -35,6 +35,9 @@ func (c *Client) Close() error { return c.sess.Close() }
 // Closed returns a channel that is closed when the session ends.
 func (c *Client) Closed() <-chan struct{} { return c.sess.CloseChan() }
 
+// IsClosed reports whether the session has ended.
+func (c *Client) IsClosed() bool { return c.sess.IsClosed() }
+
 func (c *Client) open(ctx context.Context, req Request) (*yamux.Stream, func(), error) {
 	st, err := c.sess.OpenStream()
 	if err != nil {
@@ -43,7 +46,7 @@ func (c *Client) open(ctx context.Context, req Request) (*yamux.Stream, func(), 
 	// Cancelling ctx must also unblock a read waiting on an agent that
 	// does not answer: Close alone only half-closes the stream.
 	stop := context.AfterFunc(ctx, func() {
-		_ = st.SetReadDeadline(time.Now())
+		_ = st.SetDeadline(time.Now())
 		st.Close()
 	})
 	cleanup := func() {

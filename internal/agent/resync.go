@@ -184,6 +184,11 @@ type deadliner interface {
 	SetReadDeadline(t time.Time) error
 }
 
+// writeDeadliner is implemented by connections whose writes can time out.
+type writeDeadliner interface {
+	SetWriteDeadline(t time.Time) error
+}
+
 // Dial starts a new session with the agent on conn, whatever the stream
 // carried before: it sends a resync marker, skips everything until the
 // agent's echo, then runs the session on what follows. ctx bounds the
@@ -194,19 +199,27 @@ func Dial(ctx context.Context, conn io.ReadWriteCloser) (*Client, error) {
 		return nil, fmt.Errorf("generating resync nonce: %w", err)
 	}
 	marker := append([]byte(syncMagic), nonce...)
-	if d, ok := conn.(deadliner); ok {
-		if dl, ok := ctx.Deadline(); ok {
-			_ = d.SetReadDeadline(dl)
-		}
-		defer d.SetReadDeadline(time.Time{})
-	}
-	stop := context.AfterFunc(ctx, func() {
+	// Bound the handshake on both directions: an agent that is stopped
+	// neither reads its stdin (the FIFO fills and the marker's write
+	// blocks) nor writes its echo.
+	setDeadlines := func(t time.Time) {
 		if d, ok := conn.(deadliner); ok {
-			_ = d.SetReadDeadline(time.Now())
+			_ = d.SetReadDeadline(t)
 		}
-	})
+		if d, ok := conn.(writeDeadliner); ok {
+			_ = d.SetWriteDeadline(t)
+		}
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		setDeadlines(dl)
+	}
+	defer setDeadlines(time.Time{})
+	stop := context.AfterFunc(ctx, func() { setDeadlines(time.Now()) })
 	defer stop()
 	if _, err := conn.Write(marker); err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() != nil {
+			err = ctx.Err()
+		}
 		return nil, fmt.Errorf("sending resync marker: %w", err)
 	}
 	var m markerMatcher

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"unicode/utf8"
 
+	"github.com/pandastack/pandastack/internal/errdefs"
 	"github.com/pandastack/pandastack/wire"
 )
 
@@ -63,9 +64,17 @@ func negotiate(r *http.Request) execMode {
 
 func (s *Server) exec(w http.ResponseWriter, r *http.Request, tenant string) error {
 	var req wire.ExecRequest
-	if err := decode(r, &req); err != nil {
+	if err := s.decode(w, r, &req); err != nil {
 		return err
 	}
+	// Every exec holds a goroutine, an agent stream and (blocking) output
+	// buffers in the daemon: past the cap, refuse before the command
+	// starts rather than let the daemon grow without bound.
+	if n := s.execs.Add(1); n > int64(s.cfg.MaxConcurrentExecs) {
+		s.execs.Add(-1)
+		return errdefs.Quota("this server runs at most %d commands at once; try again when some have finished", s.cfg.MaxConcurrentExecs)
+	}
+	defer s.execs.Add(-1)
 	id := r.PathValue("id")
 	mode := negotiate(r)
 	if mode == modeBlocking {
@@ -74,25 +83,96 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request, tenant string) err
 	return s.execStream(w, r, tenant, id, req, mode)
 }
 
-// capped collects one output stream up to a limit.
+// byteBudget is a number of bytes that concurrent requests share: each
+// reserves what it is about to hold and releases it when it is done.
+type byteBudget struct {
+	mu   sync.Mutex
+	max  int64
+	used int64
+	// peak is the most ever reserved at once.
+	peak int64
+}
+
+// reserve takes up to n bytes of the budget and returns how many it got.
+func (b *byteBudget) reserve(n int64) int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	got := min(n, b.max-b.used)
+	if got <= 0 {
+		return 0
+	}
+	b.used += got
+	b.peak = max(b.peak, b.used)
+	return got
+}
+
+func (b *byteBudget) release(n int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.used -= n
+}
+
+// stats returns the bytes reserved now and the most ever reserved at once.
+func (b *byteBudget) stats() (used, peak int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.used, b.peak
+}
+
+// budgetChunk is the least a capped buffer reserves at a time: few trips to
+// the shared budget, little of it reserved and unused.
+const budgetChunk = 64 << 10
+
+// capped collects one output stream up to a limit: max, and, with a
+// budget, what the server-wide budget grants.
 type capped struct {
-	sb        strings.Builder
+	buf       []byte
 	carry     utf8Carry
 	max       int
 	truncated bool
+	budget    *byteBudget
+	reserved  int
 }
 
-// add appends b. The collected text never exceeds max bytes: bytes held
+// limit returns the most the buffer may hold once it needs need bytes. With
+// a budget it reserves more as the buffer grows, doubling (one allocation
+// and copy each time), and gives buf exactly the reserved capacity, so that
+// the budget counts the memory the buffer really holds.
+func (c *capped) limit(need int) int {
+	if c.budget == nil {
+		return c.max
+	}
+	if need > c.reserved && c.reserved < c.max {
+		want := min(max(need-c.reserved, c.reserved, budgetChunk), c.max-c.reserved)
+		if got := int(c.budget.reserve(int64(want))); got > 0 {
+			c.reserved += got
+			grown := make([]byte, len(c.buf), c.reserved)
+			copy(grown, c.buf)
+			c.buf = grown
+		}
+	}
+	return min(c.max, c.reserved)
+}
+
+// release gives the buffer's reservation back to the budget.
+func (c *capped) release() {
+	if c.budget != nil {
+		c.budget.release(int64(c.reserved))
+		c.reserved = 0
+	}
+}
+
+// add appends b. The collected text never exceeds the limit: bytes held
 // back for an incomplete character count too, and the cut falls on a
-// character boundary.
+// character boundary. Once cut, the rest of the stream is dropped.
 func (c *capped) add(b []byte) {
 	if c.truncated {
 		return
 	}
 	text := c.carry.next(b)
-	room := c.max - c.sb.Len()
+	room := c.limit(len(c.buf)+len(text)+len(c.carry.rest)) - len(c.buf)
 	if len(text)+len(c.carry.rest) <= room {
-		c.sb.WriteString(text)
+		c.buf = append(c.buf, text...)
 		return
 	}
 	c.truncated = true
@@ -101,12 +181,25 @@ func (c *capped) add(b []byte) {
 	for cut > 0 && cut < len(text) && !utf8.RuneStart(text[cut]) {
 		cut--
 	}
-	c.sb.WriteString(text[:cut])
+	c.buf = append(c.buf, text[:cut]...)
 }
 
+// text returns what was collected.
+func (c *capped) text() string {
+	return string(c.buf) + c.carry.flush()
+}
+
+// execBlocking runs the command and answers with its whole output. The
+// output is held in memory until the answer is written, so all blocking
+// execs together share the server's MaxBufferedOutputBytes; large outputs
+// are for streamed execs, which hold none.
 func (s *Server) execBlocking(w http.ResponseWriter, r *http.Request, tenant, id string, req wire.ExecRequest) error {
-	stdout := &capped{max: s.cfg.MaxOutputBytes}
-	stderr := &capped{max: s.cfg.MaxOutputBytes}
+	stdout := &capped{max: s.cfg.MaxOutputBytes, budget: s.output}
+	stderr := &capped{max: s.cfg.MaxOutputBytes, budget: s.output}
+	// Released when the answer has been written, not before: until then
+	// the output is still in memory.
+	defer stdout.release()
+	defer stderr.release()
 	var mu sync.Mutex
 	res, err := s.cfg.Sandboxes.Exec(r.Context(), tenant, id, req, func(stream string, data []byte) error {
 		mu.Lock()
@@ -121,8 +214,8 @@ func (s *Server) execBlocking(w http.ResponseWriter, r *http.Request, tenant, id
 	if err != nil {
 		return err
 	}
-	res.Stdout = stdout.sb.String() + stdout.carry.flush()
-	res.Stderr = stderr.sb.String() + stderr.carry.flush()
+	res.Stdout = stdout.text()
+	res.Stderr = stderr.text()
 	res.Truncated = res.Truncated || stdout.truncated || stderr.truncated
 	writeJSON(w, http.StatusOK, res)
 	return nil
@@ -186,7 +279,10 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request, tenant, id s
 		if !ew.started {
 			return err
 		}
-		_ = ew.send(wire.ExecEvent{Type: wire.EventError, Error: wireError(err)})
+		// The answer has started with 200: the error goes in an event,
+		// classified and logged like any other.
+		_, e := s.describe(r, tenant, err)
+		_ = ew.send(wire.ExecEvent{Type: wire.EventError, Error: &e})
 		return nil
 	}
 	for stream, c := range map[string]*utf8Carry{wire.EventStdout: &outC, wire.EventStderr: &errC} {

@@ -2,7 +2,6 @@ package api
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -130,7 +129,7 @@ func cappedOutput(max int, chunks []string) (string, bool) {
 	for _, b := range chunks {
 		c.add([]byte(b))
 	}
-	return c.sb.String() + c.carry.flush(), c.truncated
+	return c.text(), c.truncated
 }
 
 func TestCapped(t *testing.T) {
@@ -210,52 +209,53 @@ func TestNegotiate(t *testing.T) {
 	}
 }
 
-func TestErrorStatus(t *testing.T) {
+func TestClassify(t *testing.T) {
+	leaky := errors.New("runsc: exit status 1: open /var/lib/pandastack/runtime/sandboxes/sb-1/log: no such file")
 	tests := []struct {
 		name       string
 		err        error
 		wantStatus int
 		wantCode   string
+		wantMsg    string
 	}{
-		{"invalid", errdefs.Invalid("bad %s", "x"), http.StatusBadRequest, wire.CodeInvalid},
-		{"unauthorized", errdefs.New(errdefs.ErrUnauthorized, "who"), http.StatusUnauthorized, wire.CodeUnauthenticated},
-		{"not found", errdefs.NotFound("gone"), http.StatusNotFound, wire.CodeNotFound},
-		{"conflict", errdefs.Conflict("busy"), http.StatusConflict, wire.CodeConflict},
-		{"too large", errdefs.New(errdefs.ErrTooLarge, "big"), http.StatusRequestEntityTooLarge, wire.CodeTooLarge},
-		{"quota", errdefs.New(errdefs.ErrQuota, "full"), http.StatusTooManyRequests, wire.CodeQuota},
-		{"unavailable", errdefs.Unavailable("down"), http.StatusServiceUnavailable, wire.CodeUnavailable},
-		{"bare sentinel", errdefs.ErrNotFound, http.StatusNotFound, wire.CodeNotFound},
-		{"wrapped kind", fmt.Errorf("creating sandbox: %w", errdefs.Conflict("x")), http.StatusConflict, wire.CodeConflict},
-		{"doubly wrapped kind", fmt.Errorf("a: %w", fmt.Errorf("b: %w", errdefs.Invalid("x"))), http.StatusBadRequest, wire.CodeInvalid},
-		{"joined with a plain error", errors.Join(errors.New("plain"), errdefs.NotFound("x")), http.StatusNotFound, wire.CodeNotFound},
-		{"max bytes error", &http.MaxBytesError{Limit: 10}, http.StatusRequestEntityTooLarge, wire.CodeTooLarge},
-		{"wrapped max bytes error", fmt.Errorf("reading body: %w", &http.MaxBytesError{Limit: 10}), http.StatusRequestEntityTooLarge, wire.CodeTooLarge},
-		{"deadline exceeded", context.DeadlineExceeded, http.StatusServiceUnavailable, wire.CodeUnavailable},
-		{"wrapped deadline exceeded", fmt.Errorf("running command: %w", context.DeadlineExceeded), http.StatusServiceUnavailable, wire.CodeUnavailable},
-		{"plain error", errors.New("boom"), http.StatusInternalServerError, wire.CodeInternal},
-		{"kind text without the kind", errors.New("not found"), http.StatusInternalServerError, wire.CodeInternal},
+		{"invalid", errdefs.Invalid("bad %s", "x"), http.StatusBadRequest, wire.CodeInvalid, "bad x"},
+		{"unauthorized", errdefs.New(errdefs.ErrUnauthorized, "who"), http.StatusUnauthorized, wire.CodeUnauthenticated, "who"},
+		{"not found", errdefs.NotFound("gone"), http.StatusNotFound, wire.CodeNotFound, "gone"},
+		{"conflict", errdefs.Conflict("busy"), http.StatusConflict, wire.CodeConflict, "busy"},
+		{"too large", errdefs.New(errdefs.ErrTooLarge, "big"), http.StatusRequestEntityTooLarge, wire.CodeTooLarge, "big"},
+		{"quota", errdefs.New(errdefs.ErrQuota, "full"), http.StatusTooManyRequests, wire.CodeQuota, "full"},
+		{"unavailable", errdefs.Unavailable("down"), http.StatusServiceUnavailable, wire.CodeUnavailable, "down"},
+		{"insufficient storage", errdefs.InsufficientStorage("disk full"), http.StatusInsufficientStorage, wire.CodeInsufficientStorage, "disk full"},
+		{"timeout", errdefs.New(errdefs.ErrTimeout, "agent did not answer"), http.StatusGatewayTimeout, wire.CodeTimeout, "agent did not answer"},
+		{"bare sentinel", errdefs.ErrNotFound, http.StatusNotFound, wire.CodeNotFound, "not found"},
+		{"wrapped kind", fmt.Errorf("creating sandbox: %w", errdefs.Conflict("x")), http.StatusConflict, wire.CodeConflict, "x"},
+		{"doubly wrapped kind", fmt.Errorf("a: %w", fmt.Errorf("b: %w", errdefs.Invalid("x"))), http.StatusBadRequest, wire.CodeInvalid, "x"},
+		{"joined with a plain error", errors.Join(errors.New("plain"), errdefs.NotFound("x")), http.StatusNotFound, wire.CodeNotFound, "x"},
+		{"max bytes error", &http.MaxBytesError{Limit: 10}, http.StatusRequestEntityTooLarge, wire.CodeTooLarge, "request body exceeds 10 bytes"},
+		{"wrapped max bytes error", fmt.Errorf("reading body: %w", &http.MaxBytesError{Limit: 10}), http.StatusRequestEntityTooLarge, wire.CodeTooLarge, "request body exceeds 10 bytes"},
+		{"deadline exceeded", context.DeadlineExceeded, http.StatusGatewayTimeout, wire.CodeTimeout, "timed out"},
+		{"wrapped deadline exceeded", fmt.Errorf("running command in /var/lib/pandastack: %w", context.DeadlineExceeded), http.StatusGatewayTimeout, wire.CodeTimeout, "timed out"},
+		{"plain error", errors.New("boom"), http.StatusInternalServerError, wire.CodeInternal, "internal error"},
+		{"kind text without the kind", errors.New("not found"), http.StatusInternalServerError, wire.CodeInternal, "internal error"},
+		// The public message only, whatever the cause says.
+		{"wrapped cause", errdefs.Wrap(errdefs.ErrUnavailable, leaky, "sandbox failed to start"), http.StatusServiceUnavailable, wire.CodeUnavailable, "sandbox failed to start"},
+		{"wrapped cause in fmt", fmt.Errorf("start %s: %w", "/var/lib/pandastack", errdefs.Wrap(errdefs.ErrInsufficientStorage, leaky, "no disk space left for the sandbox")), http.StatusInsufficientStorage, wire.CodeInsufficientStorage, "no disk space left for the sandbox"},
+		{"kind wrapped in a plain error", fmt.Errorf("runsc at /var/lib/pandastack: %w", errdefs.ErrUnavailable), http.StatusServiceUnavailable, wire.CodeUnavailable, "unavailable"},
+		// The outermost kind wins over a kind inside its cause.
+		{"outer kind wins", errdefs.Wrap(errdefs.ErrUnavailable, errdefs.NotFound("row in /var/lib/pandastack/db"), "store is down"), http.StatusServiceUnavailable, wire.CodeUnavailable, "store is down"},
+		{"timeout around a deadline", errdefs.Wrap(errdefs.ErrTimeout, context.DeadlineExceeded, "sandbox did not start in time"), http.StatusGatewayTimeout, wire.CodeTimeout, "sandbox did not start in time"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			status, code := errorStatus(tt.err)
-			if status != tt.wantStatus || code != tt.wantCode {
-				t.Errorf("errorStatus(%v): got %d %q, want %d %q", tt.err, status, code, tt.wantStatus, tt.wantCode)
+			status, e := classify(tt.err)
+			want := wire.Error{Code: tt.wantCode, Message: tt.wantMsg}
+			if status != tt.wantStatus || e != want {
+				t.Errorf("classify(%v): got %d %+v, want %d %+v", tt.err, status, e, tt.wantStatus, want)
 			}
-			// writeError sends the same status with the wire body.
-			rec := httptest.NewRecorder()
-			writeError(rec, tt.err)
-			if rec.Code != tt.wantStatus {
-				t.Errorf("writeError status: got %d, want %d", rec.Code, tt.wantStatus)
-			}
-			if ct := rec.Header().Get("Content-Type"); ct != "application/json" {
-				t.Errorf("Content-Type: got %q, want %q", ct, "application/json")
-			}
-			var body wire.ErrorResponse
-			if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil {
-				t.Fatalf("body %q: %v", rec.Body, err)
-			}
-			if want := (wire.Error{Code: tt.wantCode, Message: tt.err.Error()}); body.Error != want {
-				t.Errorf("body: got %+v, want %+v", body.Error, want)
+			for _, secret := range []string{"/var/lib/pandastack", "runsc"} {
+				if strings.Contains(e.Message, secret) {
+					t.Errorf("message %q holds %q", e.Message, secret)
+				}
 			}
 		})
 	}

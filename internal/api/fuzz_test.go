@@ -126,8 +126,11 @@ func (f *fakeSandboxes) Exec(_ context.Context, tenant, id string, req wire.Exec
 
 // newTestServer returns the real API handler on the fakes, with small
 // limits so that fuzzed bodies reach them.
-func newTestServer() *Server {
-	return New(Config{
+func newTestServer() *Server { return newTestServerWith(nil) }
+
+// newTestServerWith is newTestServer with its Config changed by mod.
+func newTestServerWith(mod func(*Config)) *Server {
+	cfg := Config{
 		Sandboxes:      &fakeSandboxes{},
 		Templates:      fakeTemplates{},
 		Keys:           fakeKeys{},
@@ -135,7 +138,11 @@ func newTestServer() *Server {
 		Runtime:        "fake",
 		MaxBodyBytes:   4 << 10,
 		MaxOutputBytes: 64,
-	})
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	return New(cfg)
 }
 
 // checkErrorBody fails unless body is a wire error body with a code and a
@@ -321,6 +328,15 @@ func TestDecodeBodies(t *testing.T) {
 		{name: "unknown field", path: "timeout", body: `{"ttl_seconds":5,"ttl":5}`, wantStatus: 400},
 		{name: "wrong type", path: "timeout", body: `{"ttl_seconds":"5"}`, wantStatus: 400},
 		{name: "not an object", path: "timeout", body: `[5]`, wantStatus: 400},
+		{name: "null", path: "timeout", body: `null`, wantStatus: 400},
+		{name: "null on create", path: "", body: `null`, wantStatus: 400},
+		{name: "null on exec", path: "exec", body: ` null `, wantStatus: 400},
+		{name: "null on fork", path: "fork", body: "null\n", wantStatus: 400},
+		{name: "string on create", path: "", body: `"base"`, wantStatus: 400},
+		{name: "number on create", path: "", body: `5`, wantStatus: 400},
+		{name: "boolean on create", path: "", body: `true`, wantStatus: 400},
+		{name: "white space only on create is empty", path: "", body: " \n", wantStatus: 201},
+		{name: "white space only on timeout is empty", path: "timeout", body: " \n", wantStatus: 400},
 		{name: "truncated", path: "timeout", body: `{"ttl_seconds":`, wantStatus: 400},
 		{name: "second object", path: "timeout", body: `{"ttl_seconds":5}{}`, wantStatus: 400},
 		{name: "trailing text", path: "timeout", body: `{"ttl_seconds":5} x`, wantStatus: 400},
@@ -353,7 +369,7 @@ func TestDecodeBodies(t *testing.T) {
 	}
 }
 
-func (f *fakeSandboxes) Snapshot(_ context.Context, tenant, id string) (wire.Snapshot, error) {
+func (f *fakeSandboxes) Snapshot(_ context.Context, tenant, id string, _ wire.SnapshotRequest) (wire.Snapshot, error) {
 	if _, err := f.sandbox(tenant, id); err != nil {
 		return wire.Snapshot{}, err
 	}

@@ -4,6 +4,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -13,7 +14,10 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
+	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/pandastack/pandastack/internal/errdefs"
@@ -29,7 +33,7 @@ type Sandboxes interface {
 	Kill(ctx context.Context, tenant, id string) error
 	SetTimeout(ctx context.Context, tenant, id string, ttlSeconds int) (wire.Sandbox, error)
 	Exec(ctx context.Context, tenant, id string, req wire.ExecRequest, out sandbox.Output) (wire.ExecResult, error)
-	Snapshot(ctx context.Context, tenant, id string) (wire.Snapshot, error)
+	Snapshot(ctx context.Context, tenant, id string, req wire.SnapshotRequest) (wire.Snapshot, error)
 	GetSnapshot(ctx context.Context, tenant, id string) (wire.Snapshot, error)
 	ListSnapshots(ctx context.Context, tenant string) ([]wire.Snapshot, error)
 	DeleteSnapshot(ctx context.Context, tenant, id string) error
@@ -61,6 +65,18 @@ type Config struct {
 	// MaxOutputBytes caps each of stdout and stderr of a blocking exec;
 	// 10 MiB when zero.
 	MaxOutputBytes int
+	// MaxConcurrentExecs caps the execs running at once on the server,
+	// blocking and streamed; beyond it an exec is refused (429) before it
+	// starts. 1024 when zero.
+	MaxConcurrentExecs int
+	// MaxBufferedOutputBytes is what all blocking execs together may hold
+	// of output in memory; an exec that finds it spent drops its further
+	// output and reports truncated. Streamed execs buffer nothing and do
+	// not count. 256 MiB when zero.
+	MaxBufferedOutputBytes int64
+	// BodyReadTimeout is how long a JSON request body may take to
+	// arrive; 30 s when zero.
+	BodyReadTimeout time.Duration
 }
 
 // Server serves the API. Create it with New.
@@ -68,6 +84,12 @@ type Server struct {
 	cfg      Config
 	mux      *http.ServeMux
 	patterns []string
+	// execs counts the execs in progress, for MaxConcurrentExecs.
+	execs atomic.Int64
+	// output is the MaxBufferedOutputBytes budget of blocking execs.
+	output *byteBudget
+	// drainGrace is the drainGrace of this server.
+	drainGrace time.Duration
 }
 
 // HashKey returns the stored form of an API key.
@@ -84,10 +106,19 @@ func New(cfg Config) *Server {
 	if cfg.MaxOutputBytes == 0 {
 		cfg.MaxOutputBytes = 10 << 20
 	}
+	if cfg.MaxConcurrentExecs == 0 {
+		cfg.MaxConcurrentExecs = 1024
+	}
+	if cfg.MaxBufferedOutputBytes == 0 {
+		cfg.MaxBufferedOutputBytes = 256 << 20
+	}
+	if cfg.BodyReadTimeout == 0 {
+		cfg.BodyReadTimeout = 30 * time.Second
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{cfg: cfg, mux: http.NewServeMux()}
+	s := &Server{cfg: cfg, mux: http.NewServeMux(), output: &byteBudget{max: cfg.MaxBufferedOutputBytes}, drainGrace: drainGrace}
 	s.route("GET /v1/health", false, s.health)
 	s.route("GET /v1/templates", true, s.listTemplates)
 	s.route("POST /v1/sandboxes", true, s.createSandbox)
@@ -104,7 +135,7 @@ func New(cfg Config) *Server {
 	s.route("GET /v1/snapshots/{id}", true, s.getSnapshot)
 	s.route("DELETE /v1/snapshots/{id}", true, s.deleteSnapshot)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, errdefs.NotFound("no route for %s %s", r.Method, r.URL.Path))
+		s.fail(w, r, "", errdefs.NotFound("no route for %s %s", r.Method, r.URL.Path))
 	})
 	return s
 }
@@ -112,19 +143,48 @@ func New(cfg Config) *Server {
 // Routes lists the registered "METHOD /path" patterns, for the spec test.
 func (s *Server) Routes() []string { return append([]string(nil), s.patterns...) }
 
-// ServeHTTP implements http.Handler.
+// ServeHTTP implements http.Handler. Every answer carries the request's id
+// in X-Request-Id; error bodies and the server's log lines carry it too, so
+// that a tenant's report can be matched to the log.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body := r.Body
+	if body == nil {
+		body = http.NoBody
+	}
+	ri := &requestInfo{id: newRequestID(), body: &trackedBody{ReadCloser: body}}
+	w.Header().Set("X-Request-Id", ri.id)
+	r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, ri))
+	r.Body = ri.body
 	defer func() {
 		// A bug in one handler must not take the daemon down.
 		if v := recover(); v != nil {
 			if v == http.ErrAbortHandler {
 				panic(v)
 			}
-			s.cfg.Log.Error("panic in handler", "method", r.Method, "path", r.URL.Path, "panic", v)
-			writeError(w, fmt.Errorf("internal error"))
+			s.fail(w, r, "", fmt.Errorf("panic in handler: %v\n%s", v, debug.Stack()))
 		}
 	}()
 	s.mux.ServeHTTP(w, r)
+}
+
+// trackedBody remembers whether the request body was read to its end, so
+// that an error answer knows whether unread body bytes may still come.
+type trackedBody struct {
+	io.ReadCloser
+	eof bool
+}
+
+func (b *trackedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.eof = true
+	}
+	return n, err
+}
+
+// unread reports whether some of r's body may not have been read yet.
+func (b *trackedBody) unread(r *http.Request) bool {
+	return b != nil && r.ContentLength != 0 && !b.eof
 }
 
 type tenantKey struct{}
@@ -146,13 +206,9 @@ func (s *Server) route(pattern string, auth bool, h handler) {
 			err = h(w, r, tenant)
 		}
 		if err != nil {
-			status, _ := errorStatus(err)
-			if status >= 500 {
-				s.cfg.Log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
-			}
-			writeError(w, err)
+			s.fail(w, r, tenant, err)
 		}
-		s.cfg.Log.Debug("request", "method", r.Method, "path", r.URL.Path, "dur", time.Since(start))
+		s.cfg.Log.Debug("request", "request_id", infoOf(r).id, "method", r.Method, "path", r.URL.Path, "dur", time.Since(start))
 	})
 }
 
@@ -172,45 +228,93 @@ func (s *Server) authenticate(r *http.Request) (string, error) {
 	return tenant, nil
 }
 
-// decode reads a JSON body into v, rejecting unknown fields and trailing data.
-func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(r.Body)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		if tl := tooLarge(err); tl != nil {
-			return tl
-		}
-		if errors.Is(err, io.EOF) {
-			return errdefs.Invalid("request body is empty; expected a JSON object")
-		}
-		return errdefs.Invalid("decoding request body: %v", err)
-	}
-	// Token reads on to the end of the body: io.EOF means nothing follows.
-	if _, err := dec.Token(); err != io.EOF {
-		if tl := tooLarge(err); tl != nil {
-			return tl
-		}
-		return errdefs.Invalid("request body has data after the JSON object")
-	}
-	return nil
-}
-
-// tooLarge returns the ErrTooLarge error for a body that hit its size
-// limit, or nil.
-func tooLarge(err error) error {
-	var mbe *http.MaxBytesError
-	if errors.As(err, &mbe) {
-		return errdefs.New(errdefs.ErrTooLarge, "request body exceeds %d bytes", mbe.Limit)
-	}
-	return nil
+// decode reads a JSON body, which must be one JSON object, into v,
+// rejecting unknown fields and trailing data.
+func (s *Server) decode(w http.ResponseWriter, r *http.Request, v any) error {
+	return s.readJSON(w, r, v, false)
 }
 
 // decodeOptional is decode for bodies that may be empty.
-func decodeOptional(r *http.Request, v any) error {
-	if r.ContentLength == 0 {
-		return nil
+func (s *Server) decodeOptional(w http.ResponseWriter, r *http.Request, v any) error {
+	return s.readJSON(w, r, v, true)
+}
+
+// readJSON decodes the body into v. A body without a JSON value (no bytes,
+// or only white space) is empty, whatever its framing: Content-Length: 0
+// and an empty chunked body are the same.
+func (s *Server) readJSON(w http.ResponseWriter, r *http.Request, v any, optional bool) error {
+	empty := func() error {
+		if optional {
+			return nil
+		}
+		return errdefs.Invalid("request body is empty; expected a JSON object")
 	}
-	return decode(r, v)
+	if r.ContentLength == 0 {
+		return empty()
+	}
+	// A body that trickles in must not hold its connection and handler
+	// for ever. The deadline is cleared again when the body is read: the
+	// server then keeps a read pending on the connection to notice a
+	// hang-up, and a deadline firing there would cancel the request (an
+	// exec may run for an hour).
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Now().Add(s.cfg.BodyReadTimeout))
+	defer func() { _ = rc.SetReadDeadline(time.Time{}) }()
+
+	dec := json.NewDecoder(r.Body)
+	var raw json.RawMessage
+	if err := dec.Decode(&raw); err != nil {
+		if err == io.EOF {
+			return empty()
+		}
+		return s.bodyError(err)
+	}
+	// Token reads on to the end of the body: io.EOF means nothing follows.
+	if _, err := dec.Token(); err != io.EOF {
+		var se *json.SyntaxError
+		if err == nil || errors.As(err, &se) {
+			return errdefs.Invalid("request body has data after the JSON value")
+		}
+		return s.bodyError(err)
+	}
+	// null would decode into the zero struct (and create a sandbox with
+	// every default): only an object is a request.
+	if raw[0] != '{' {
+		return errdefs.Invalid("request body must be a JSON object, not %s", jsonKind(raw[0]))
+	}
+	obj := json.NewDecoder(bytes.NewReader(raw))
+	obj.DisallowUnknownFields()
+	if err := obj.Decode(v); err != nil {
+		return errdefs.Invalid("decoding request body: %v", err)
+	}
+	return nil
+}
+
+// bodyError turns an error met reading the body into one of a kind.
+func (s *Server) bodyError(err error) error {
+	var mbe *http.MaxBytesError
+	switch {
+	case errors.As(err, &mbe):
+		return errdefs.New(errdefs.ErrTooLarge, "request body exceeds %d bytes", mbe.Limit)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return errdefs.Invalid("request body did not arrive within %s", s.cfg.BodyReadTimeout)
+	}
+	return errdefs.Invalid("decoding request body: %v", err)
+}
+
+// jsonKind names the kind of JSON value that starts with c.
+func jsonKind(c byte) string {
+	switch c {
+	case 'n':
+		return "null"
+	case 't', 'f':
+		return "a boolean"
+	case '"':
+		return "a string"
+	case '[':
+		return "an array"
+	}
+	return "a number"
 }
 
 func (s *Server) health(w http.ResponseWriter, r *http.Request, _ string) error {
@@ -225,7 +329,7 @@ func (s *Server) listTemplates(w http.ResponseWriter, r *http.Request, _ string)
 
 func (s *Server) createSandbox(w http.ResponseWriter, r *http.Request, tenant string) error {
 	var req wire.CreateSandboxRequest
-	if err := decodeOptional(r, &req); err != nil {
+	if err := s.decodeOptional(w, r, &req); err != nil {
 		return err
 	}
 	sb, err := s.cfg.Sandboxes.Create(r.Context(), tenant, req)
@@ -264,7 +368,7 @@ func (s *Server) killSandbox(w http.ResponseWriter, r *http.Request, tenant stri
 
 func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request, tenant string) error {
 	var req wire.SetTimeoutRequest
-	if err := decode(r, &req); err != nil {
+	if err := s.decode(w, r, &req); err != nil {
 		return err
 	}
 	sb, err := s.cfg.Sandboxes.SetTimeout(r.Context(), tenant, r.PathValue("id"), req.TTLSeconds)
@@ -276,7 +380,11 @@ func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request, tenant strin
 }
 
 func (s *Server) snapshot(w http.ResponseWriter, r *http.Request, tenant string) error {
-	sn, err := s.cfg.Sandboxes.Snapshot(r.Context(), tenant, r.PathValue("id"))
+	var req wire.SnapshotRequest
+	if err := s.decodeOptional(w, r, &req); err != nil {
+		return err
+	}
+	sn, err := s.cfg.Sandboxes.Snapshot(r.Context(), tenant, r.PathValue("id"), req)
 	if err != nil {
 		return err
 	}
@@ -286,7 +394,7 @@ func (s *Server) snapshot(w http.ResponseWriter, r *http.Request, tenant string)
 
 func (s *Server) fork(w http.ResponseWriter, r *http.Request, tenant string) error {
 	var req wire.ForkRequest
-	if err := decodeOptional(r, &req); err != nil {
+	if err := s.decodeOptional(w, r, &req); err != nil {
 		return err
 	}
 	l, err := s.cfg.Sandboxes.Fork(r.Context(), tenant, r.PathValue("id"), req)

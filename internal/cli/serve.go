@@ -27,9 +27,10 @@ func newServeCmd() *cobra.Command {
 		Use:   "serve",
 		Short: "Run the PandaStack server",
 		Long: `Run the PandaStack server: the HTTP API on 127.0.0.1, state in SQLite under the data
-directory, sandboxes in gVisor. On first start it creates an API key, prints it once and
-writes it to <data-dir>/api-key (mode 0600). SIGINT or SIGTERM stops it gracefully:
-in-flight requests get 10 s, then every sandbox is destroyed.`,
+directory, sandboxes in gVisor. On first start it creates an API key and writes it to
+<data-dir>/api-key (mode 0600); the key is never printed. SIGINT or SIGTERM stops it
+gracefully: in-flight requests get 10 s, then running sandboxes are destroyed, paused or
+kept (--on-shutdown); paused sandboxes are always kept.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			level := slog.LevelInfo
@@ -68,10 +69,18 @@ in-flight requests get 10 s, then every sandbox is destroyed.`,
 	f.IntVar(&cfg.Sandbox.MaxPids, "max-pids", cfg.Sandbox.MaxPids, "largest process cap a sandbox may ask for")
 	f.DurationVar(&cfg.Sandbox.ReapInterval, "reap-interval", time.Second, "how often expired sandboxes are destroyed")
 	f.BoolVar(&cfg.Sandbox.TemplateSnapshots, "template-snapshots", false, "create sandboxes by restoring a per-template snapshot taken after the template's warm-up (measured no faster here: docs/BENCHMARKS.md)")
-	f.IntVar(&cfg.Sandbox.PoolSize, "warm-pool", 2, "warm, unclaimed sandboxes kept per template; a create with default limits takes one over (0: none)")
+	f.IntVar(&cfg.Sandbox.PoolSize, "warm-pool", cfg.Sandbox.PoolSize, "warm, unclaimed sandboxes kept per template; a create with default limits takes one over (0: none)")
 	f.StringSliceVar(&cfg.Sandbox.PoolTemplates, "warm-pool-templates", nil, "templates that get a warm pool (default: all)")
 	f.StringVar(&cfg.Sandbox.OnShutdown, "on-shutdown", sandbox.ShutdownKill, "what SIGTERM does with running sandboxes: kill, pause (saved, resumed on demand by the next server) or keep (left running for the next server to re-adopt); paused ones are always kept")
+	f.DurationVar(&cfg.Sandbox.PausedTTL, "paused-ttl", cfg.Sandbox.PausedTTL, "how long a paused sandbox is kept before it is deleted")
+	f.DurationVar(&cfg.Sandbox.SnapshotTTL, "snapshot-ttl", cfg.Sandbox.SnapshotTTL, "default and longest life of a snapshot")
+	f.IntVar(&cfg.Sandbox.MaxStoredMB, "max-stored-mb", cfg.Sandbox.MaxStoredMB, "most disk (MiB) one tenant's snapshots and paused sandboxes may use")
+	f.IntVar(&cfg.Sandbox.MinFreeDiskMB, "min-free-disk-mb", cfg.Sandbox.MinFreeDiskMB, "free space (MiB) on the data disk that creates, pauses, snapshots and forks never use")
+	f.IntVar(&cfg.Sandbox.MaxExecsPerSandbox, "max-execs-per-sandbox", cfg.Sandbox.MaxExecsPerSandbox, "most commands running at once in one sandbox")
+	f.DurationVar(&cfg.Sandbox.CheckpointTimeout, "checkpoint-timeout", cfg.Sandbox.CheckpointTimeout, "longest one pause, snapshot or fork may take to save a sandbox")
 	f.IntVar(&cfg.MaxOutputBytes, "max-output-bytes", 10<<20, "cap on each of stdout and stderr of one exec (the rest is dropped, the result says truncated)")
+	f.IntVar(&cfg.MaxConcurrentExecs, "max-concurrent-execs", 1024, "most commands running at once on the server; more are refused with 429")
+	f.Int64Var(&cfg.MaxBufferedOutputBytes, "max-buffered-output-bytes", 256<<20, "output all blocking execs together may hold in memory; past it their output is truncated (streamed execs are not limited)")
 	f.BoolVar(&debug, "debug", false, "log every request")
 	return cmd
 }

@@ -51,9 +51,15 @@ type Config struct {
 	CgroupParent   string
 	Sandbox        sandbox.Config
 	MaxOutputBytes int
-	Version        string
-	Log            *slog.Logger
-	// Out receives the one-time message with a newly created API key.
+	// MaxConcurrentExecs and MaxBufferedOutputBytes bound the commands
+	// running at once on the server and the output blocking execs hold in
+	// memory (the API's defaults when zero).
+	MaxConcurrentExecs     int
+	MaxBufferedOutputBytes int64
+	Version                string
+	Log                    *slog.Logger
+	// Out receives the one-time notice that an API key was created (never
+	// the key itself).
 	Out io.Writer
 	// Ready, when set, is called with the listening address once the
 	// server accepts requests.
@@ -154,6 +160,7 @@ func Run(ctx context.Context, cfg Config) error {
 		Config: cfg.Sandbox, Runtime: rt, Store: st, Templates: tpls, AgentBinary: agentBin, Log: log,
 		StateDir: cfg.DataDir,
 	})
+	st.OnFull(mgr.ReleaseDiskReserve)
 	if err := mgr.Start(ctx); err != nil {
 		return fmt.Errorf("starting sandbox manager: %w", err)
 	}
@@ -173,10 +180,17 @@ func Run(ctx context.Context, cfg Config) error {
 		Handler: api.New(api.Config{
 			Sandboxes: mgr, Templates: templateList{tpls}, Keys: st, Log: log,
 			Version: cfg.Version, Runtime: rt.Name(), MaxOutputBytes: cfg.MaxOutputBytes,
+			MaxConcurrentExecs: cfg.MaxConcurrentExecs, MaxBufferedOutputBytes: cfg.MaxBufferedOutputBytes,
 		}),
+		// No ReadTimeout or WriteTimeout: an exec stream may rightly last
+		// an hour. Request bodies get their own deadline in the API, and
+		// a request it rejects unread closes its connection.
 		ReadHeaderTimeout: 10 * time.Second,
-		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		// A kept-alive connection with no request must not be held for
+		// ever (each is a file descriptor).
+		IdleTimeout:    120 * time.Second,
+		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -194,13 +208,18 @@ func Run(ctx context.Context, cfg Config) error {
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if serr := srv.Shutdown(sctx); serr != nil {
+	// In-flight requests get ShutdownGrace; the sandboxes then get their
+	// own time (a pause of each at --on-shutdown pause), never shared with
+	// requests that may stream for an hour.
+	hctx, hcancel := context.WithTimeout(context.Background(), shutdownGrace)
+	if serr := srv.Shutdown(hctx); serr != nil {
 		srv.Close()
 	}
-	if cerr := mgr.Close(sctx); cerr != nil {
-		log.Error("destroying sandboxes at shutdown", "err", cerr)
+	hcancel()
+	mctx, mcancel := context.WithTimeout(context.Background(), sandboxShutdownTimeout(cfg.Sandbox))
+	defer mcancel()
+	if cerr := mgr.Close(mctx); cerr != nil {
+		log.Error("dealing with sandboxes at shutdown", "err", cerr)
 	}
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
@@ -208,11 +227,30 @@ func Run(ctx context.Context, cfg Config) error {
 	return err
 }
 
+// shutdownGrace is how long in-flight requests get at a graceful stop.
+const shutdownGrace = 10 * time.Second
+
+// sandboxShutdownTimeout bounds what a graceful stop does with sandboxes:
+// enough for pauses (a checkpoint each, several at a time) at
+// --on-shutdown pause, a minute otherwise.
+func sandboxShutdownTimeout(c sandbox.Config) time.Duration {
+	if c.OnShutdown == sandbox.ShutdownPause {
+		d := c.CheckpointTimeout
+		if d == 0 {
+			d = sandbox.DefaultConfig().CheckpointTimeout
+		}
+		return d + time.Minute
+	}
+	return time.Minute
+}
+
 // KeyFile is where the first API key is written, readable by root only.
 func KeyFile(dataDir string) string { return filepath.Join(dataDir, "api-key") }
 
 // ensureAPIKey creates the first API key when the store has none: only its
-// hash is stored; the key is printed once and written to the key file.
+// hash is stored, and the key itself is written to the key file (mode
+// 0600). It is never printed: the server's output usually ends up in a log
+// file that others can read.
 func ensureAPIKey(ctx context.Context, st *store.Store, dataDir string, out io.Writer) error {
 	n, err := st.CountAPIKeys(ctx)
 	if err != nil {
@@ -237,7 +275,7 @@ func ensureAPIKey(ctx context.Context, st *store.Store, dataDir string, out io.W
 	if err := st.AddAPIKey(ctx, api.HashKey(key), "default"); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "Created API key (shown once; also in %s, readable by root only):\n  %s\n", path, key)
+	fmt.Fprintf(out, "Created an API key in %s (readable by root only).\n", path)
 	return nil
 }
 

@@ -50,7 +50,7 @@ func Start(t testing.TB, mut func(*daemon.Config)) *Server {
 		TemplateDir: testenv.TemplateDir(), Version: "test",
 		// Its own cgroup parent, so tests can count what it leaves.
 		CgroupParent: fmt.Sprintf("/pandastack-test-%d-%d", os.Getpid(), time.Now().UnixNano()),
-		Sandbox:      sandbox.Config{ReapInterval: 200 * time.Millisecond},
+		Sandbox:      testSandboxConfig(),
 		Log:          slog.New(slog.NewTextHandler(logw, nil)),
 		Ready:        func(a string) { addrc <- a },
 	}
@@ -93,6 +93,18 @@ func Start(t testing.TB, mut func(*daemon.Config)) *Server {
 		t.Fatal(err)
 	}
 	return &Server{URL: "http://" + addr, Key: strings.TrimSpace(string(key)), DataDir: dataDir, CgroupParent: cfg.CgroupParent}
+}
+
+// testSandboxConfig is the server's own default configuration (`serve`
+// without flags, warm pool included), with a faster reaper so that TTL
+// tests end sooner, and a pool for the base template only, which is the
+// one tests use. Tests that count host resources turn the pool off: a pool
+// refilling in the background would blur their counts.
+func testSandboxConfig() sandbox.Config {
+	c := sandbox.DefaultConfig()
+	c.ReapInterval = 200 * time.Millisecond
+	c.PoolTemplates = []string{"base"}
+	return c
 }
 
 // syncWriter serialises writes from the server's goroutines.

@@ -333,7 +333,12 @@ func cases() []hostileCase {
 			check: func(t *testing.T, r *run) {
 				r.wantOK()
 				out := r.res.Stdout + r.res.Stderr
-				checkEnv(t, section(out, "environ"), "/proc/1/environ")
+				// The agent is not dumpable: its environ is closed to
+				// commands (gVisor checks ptrace access), which is better
+				// still than a clean one.
+				if environ := section(out, "environ"); !strings.Contains(environ, "Permission denied") {
+					checkEnv(t, environ, "/proc/1/environ")
+				}
 				checkEnv(t, section(out, "env"), "env")
 				for _, p := range r.h.hostPaths() {
 					if strings.Contains(out, p) {
@@ -361,7 +366,7 @@ func cases() []hostileCase {
 				if res.Stdout != "done\n" {
 					t.Errorf("host paths visible: %q (paths %v)", res.Stdout, r.h.hostPaths())
 				}
-				r.observe("env = the base env only; /proc/1/environ likewise; no host path; /sys/class/dmi absent; /proc/version and dmesg are gVisor's; cgroups show /")
+				r.observe("env = the base env only; /proc/1/environ permission denied (the agent is not dumpable); no host path; /sys/class/dmi absent; /proc/version and dmesg are gVisor's; cgroups show /")
 			},
 		},
 		{
@@ -401,7 +406,7 @@ func cases() []hostileCase {
 			cmd:     exeCmd,
 			timeout: 20 * time.Second,
 			before: func(t *testing.T, r *run) {
-				agent := strings.TrimSpace(r.exec("readlink /proc/1/exe", 5*time.Second).Stdout)
+				agent := strings.TrimSpace(r.exec(`tr '\0' '\n' </proc/1/cmdline | head -1`, 5*time.Second).Stdout)
 				if !strings.HasPrefix(agent, "/.pandastack/agent-") {
 					t.Fatalf("agent path %q", agent)
 				}
@@ -413,6 +418,14 @@ func cases() []hostileCase {
 			},
 			check: func(t *testing.T, r *run) {
 				r.endedOrDied()
+				// The agent is on a read-only mount: writing it fails and
+				// the sandbox lives on.
+				if strings.Contains(r.res.Stdout, "agent-rc=0") || !strings.Contains(r.res.Stderr, "Read-only file system") {
+					t.Errorf("overwriting the agent: got %q %q, want it refused: Read-only file system", r.res.Stdout, r.res.Stderr)
+				}
+				if !r.settle(time.Minute) {
+					t.Errorf("sandbox gone after an attempt to overwrite its agent; want it alive")
+				}
 				for p, want := range r.hashes {
 					if got := sha256File(t, p); got != want {
 						t.Errorf("host file %s changed: sha256 %s, want %s", p, got, want)
@@ -423,12 +436,12 @@ func cases() []hostileCase {
 				fresh := r.h.s.Create(t, wire.CreateSandboxRequest{})
 				res := r.h.execIn(t, fresh.ID, "sha256sum "+r.agent+" /bin/true /bin/bash", 10*time.Second)
 				for _, p := range []string{r.agent, "/bin/true", "/bin/bash"} {
-					if want := r.hashes[filepath.Join(r.h.tpl, p)]; !strings.Contains(res.Stdout, want+"  "+p) {
+					if want := r.hashes[r.h.hostPath(p)]; !strings.Contains(res.Stdout, want+"  "+p) {
 						t.Errorf("fresh sandbox sees a changed %s: %q", p, res.Stdout)
 					}
 				}
 				r.h.s.Do(t, "DELETE", "/v1/sandboxes/"+fresh.ID, nil)
-				r.observe("writes land in the sandbox's own overlay (no ETXTBSY in gVisor: the writer and then the agent die of SIGBUS, ending the sandbox); host runsc, template agent, bash and true unchanged; a fresh sandbox sees pristine files")
+				r.observe("the agent is on a read-only mount: writing or removing it fails (EROFS) and the sandbox lives on; /proc/1/exe is closed (agent not dumpable); writes to /bin land in the sandbox's own overlay; host runsc, agent, bash and true unchanged; a fresh sandbox sees pristine files")
 			},
 		},
 		{
@@ -478,7 +491,7 @@ func running(ps, name string) bool {
 
 // probeCmd prints sections, each after a line "== name".
 const probeCmd = `
-echo == environ; tr '\0' '\n' </proc/1/environ
+echo == environ; { tr '\0' '\n' </proc/1/environ; } 2>&1
 echo == env; env
 echo == mounts; cat /proc/mounts /proc/self/mountinfo
 echo == cmdline; tr '\0' ' ' </proc/1/cmdline; echo; cat /proc/cmdline
@@ -516,13 +529,13 @@ perl -e '
   print "packet=", (socket(my $p, 17, SOCK_RAW, 0x0300) ? "ok" : "$!"), "\n";
 '`
 
-// exeCmd tries the runc CVE-2019-5736 pattern and writes over binaries;
-// overwriting the running agent comes last, as it ends the sandbox.
+// exeCmd tries the runc CVE-2019-5736 pattern and writes over binaries,
+// the running agent last.
 const exeCmd = `
 bash -c 'exec 3>/proc/self/exe; echo hacked >&3'; echo self-exe-rc=$?
 echo hacked > /bin/true; echo bin-true-rc=$?
 echo hacked > /proc/1/exe; echo proc-1-exe-rc=$?
-A=$(readlink /proc/1/exe); echo hacked > "$A"; echo agent-rc=$?`
+A=$(tr '\0' '\n' </proc/1/cmdline | head -1); echo hacked > "$A"; echo agent-rc=$?`
 
 // escapeCmd tries to reach a host file from inside through /proc and
 // chroot; MARKER_PATH and MARKER_NAME are replaced with the host marker.
@@ -869,12 +882,16 @@ func (h *harness) hostPaths() []string {
 
 // protected are the host files a sandbox must not be able to change.
 func (h *harness) protected(agent string) []string {
-	return []string{
-		h.runsc,
-		filepath.Join(h.tpl, agent),
-		filepath.Join(h.tpl, "/bin/true"),
-		filepath.Join(h.tpl, "/bin/bash"),
+	return []string{h.runsc, h.hostPath(agent), h.hostPath("/bin/true"), h.hostPath("/bin/bash")}
+}
+
+// hostPath is where a file the sandbox sees at p lives on the host: the
+// agent's read-only mount of the data directory's agents/, or the template.
+func (h *harness) hostPath(p string) string {
+	if rest, ok := strings.CutPrefix(p, "/.pandastack/"); ok {
+		return filepath.Join(h.s.DataDir, "agents", rest)
 	}
+	return filepath.Join(h.tpl, p)
 }
 
 // baseEnvNames are the variables a sandbox process may have: the base

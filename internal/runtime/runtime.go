@@ -6,8 +6,13 @@ package runtime
 
 import (
 	"context"
+	"errors"
 	"io"
 )
+
+// ErrNoSpace reports that the host's disk could not take what an operation
+// had to write (a checkpoint image).
+var ErrNoSpace = errors.New("no space left on the host's disk")
 
 // Limits are the hard resource limits of one sandbox. Zero means the
 // runtime's default.
@@ -44,6 +49,15 @@ type Spec struct {
 	// of the host's environment is added.
 	Env    []string
 	Limits Limits
+	// Binds are host directories shown read-only inside the sandbox (the
+	// agent's own directory). A restore must have its image's binds.
+	Binds []Bind
+}
+
+// Bind shows the host directory Source read-only at Destination inside the
+// sandbox; not even root inside can change it.
+type Bind struct {
+	Source, Destination string
 }
 
 // Runtime starts and stops sandboxes. Implementations are safe for
@@ -79,3 +93,18 @@ type Checkpointer interface {
 	// hostname and limits. The image can be removed once Restore returns.
 	Restore(ctx context.Context, spec Spec, dir string) error
 }
+
+// Inspector is the optional capability to tell what a sandbox uses and why
+// it stopped.
+type Inspector interface {
+	// MemoryUsage returns the host memory the sandbox uses now, in bytes.
+	MemoryUsage(ctx context.Context, id string) (int64, error)
+	// ExitCause describes why a sandbox that stopped on its own stopped,
+	// when the runtime can tell (CauseOutOfMemory), or "" when it cannot.
+	// It must be called before Delete.
+	ExitCause(ctx context.Context, id string) string
+}
+
+// CauseOutOfMemory is the ExitCause of a sandbox killed for going over its
+// memory limit.
+const CauseOutOfMemory = "out of memory"

@@ -2,10 +2,14 @@ package sandbox
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/pandastack/pandastack/internal/agent"
+	"github.com/pandastack/pandastack/internal/cleanup"
 	"github.com/pandastack/pandastack/internal/errdefs"
 	"github.com/pandastack/pandastack/internal/runtime"
 	"github.com/pandastack/pandastack/internal/store"
@@ -25,11 +29,8 @@ func (m *Manager) Create(ctx context.Context, tenant string, req wire.CreateSand
 			return wire.Sandbox{}, errdefs.Invalid("snapshot %s is of template %q, not %q", sn.ID, sn.Template, req.Template)
 		}
 		req.Template = sn.Template
-		if req.CPU == 0 {
-			req.CPU = sn.CPU
-		}
-		if req.MemoryMB == 0 {
-			req.MemoryMB = sn.MemoryMB
+		if err := m.snapshotLimits(&req, sn); err != nil {
+			return wire.Sandbox{}, err
 		}
 		req.Env = mergeMaps(sn.Env, req.Env)
 		snap = &sn
@@ -41,12 +42,45 @@ func (m *Manager) Create(ctx context.Context, tenant string, req wire.CreateSand
 	if snap == nil {
 		return m.launch(ctx, tenant, p, "")
 	}
+	p.layout = snap.Layout
 	// Pin the snapshot so it cannot be deleted while it is restored.
 	if !m.pin(snap.ID) {
 		return wire.Sandbox{}, errdefs.NotFound("snapshot %q not found", snap.ID)
 	}
 	defer m.unpin(snap.ID)
 	return m.launch(ctx, tenant, p, m.snapshotDir(snap.ID))
+}
+
+// snapshotLimits fills the request's limits from the snapshot, which fixes
+// them: its processes' memory, its disk layer and its process limits are in
+// the image, and a restore with others fails or misbehaves. A request that
+// asks for other values is refused, naming them.
+func (m *Manager) snapshotLimits(req *wire.CreateSandboxRequest, sn store.Snapshot) error {
+	disk, pids := sn.DiskMB, sn.Pids
+	if disk == 0 {
+		disk = m.cfg.DiskMB
+	}
+	if pids == 0 {
+		pids = m.cfg.Pids
+	}
+	var diff []string
+	if req.CPU != 0 && req.CPU != sn.CPU {
+		diff = append(diff, fmt.Sprintf("cpu %g (the snapshot's is %g)", req.CPU, sn.CPU))
+	}
+	if req.MemoryMB != 0 && req.MemoryMB != sn.MemoryMB {
+		diff = append(diff, fmt.Sprintf("memory_mb %d (the snapshot's is %d)", req.MemoryMB, sn.MemoryMB))
+	}
+	if req.DiskMB != 0 && req.DiskMB != disk {
+		diff = append(diff, fmt.Sprintf("disk_mb %d (the snapshot's is %d)", req.DiskMB, disk))
+	}
+	if req.Pids != 0 && req.Pids != pids {
+		diff = append(diff, fmt.Sprintf("pids %d (the snapshot's is %d)", req.Pids, pids))
+	}
+	if len(diff) > 0 {
+		return errdefs.Invalid("a sandbox created from a snapshot has the snapshot's limits; omit them or give the same values, not %s", strings.Join(diff, ", "))
+	}
+	req.CPU, req.MemoryMB, req.DiskMB, req.Pids = sn.CPU, sn.MemoryMB, disk, pids
+	return nil
 }
 
 // params are the validated settings of a sandbox to launch.
@@ -60,7 +94,21 @@ type params struct {
 	env       map[string]string
 	metadata  map[string]string
 	onTimeout string
+	// layout is the file system layout (layoutAgentMount for new
+	// sandboxes; a restore keeps its image's).
+	layout int
 }
+
+// Sandbox layouts (store.Sandbox.Layout). A restore must use its image's.
+const (
+	// layoutAgentInTemplate: the agent is a file in the template's root
+	// file system, which root inside the sandbox could overwrite (in its
+	// own overlay), killing its agent.
+	layoutAgentInTemplate = 1
+	// layoutAgentMount: the agent comes from a read-only mount of the
+	// data directory's agents/ at /.pandastack.
+	layoutAgentMount = 2
+)
 
 func (m *Manager) params(req wire.CreateSandboxRequest) (params, error) {
 	p := params{template: req.Template, cpu: req.CPU, memMB: req.MemoryMB, diskMB: req.DiskMB, pids: req.Pids,
@@ -123,33 +171,26 @@ func (m *Manager) params(req wire.CreateSandboxRequest) (params, error) {
 }
 
 // launch starts a sandbox for tenant: booted fresh from its template when
-// image is empty, restored from the checkpoint image otherwise.
+// image is empty, restored from the checkpoint image otherwise. A client
+// that hangs up before the sandbox runs gets nothing: the sandbox is undone,
+// since nobody would know its id.
 func (m *Manager) launch(ctx context.Context, tenant string, p params, image string) (wire.Sandbox, error) {
 	tpl, err := m.templates.Get(p.template)
 	if err != nil {
 		return wire.Sandbox{}, err
 	}
+	if err := m.disk.check(int64(p.diskMB)<<20, fmt.Sprintf("create a sandbox with disk_mb %d", p.diskMB)); err != nil {
+		return wire.Sandbox{}, err
+	}
 	// A warm pool member is a hand-over; otherwise a restore of the
 	// template's snapshot, or a cold boot.
+	defaults := p.cpu == m.cfg.DefaultCPU && p.memMB == m.cfg.DefaultMemoryMB && p.diskMB == m.cfg.DiskMB && p.pids == m.cfg.Pids
 	var warm *pooled
-	if image == "" && m.cfg.PoolSize > 0 && p.cpu == m.cfg.DefaultCPU && p.memMB == m.cfg.DefaultMemoryMB &&
-		p.diskMB == m.cfg.DiskMB && p.pids == m.cfg.Pids {
+	if image == "" && m.cfg.PoolSize > 0 && defaults {
 		warm = m.takePooled(tpl.Name)
 	}
-	if warm == nil && image == "" && m.cfg.TemplateSnapshots {
+	if warm == nil && image == "" && m.cfg.TemplateSnapshots && defaults {
 		image, _ = m.templateImage(ctx, tpl)
-	}
-	now := m.now().UTC()
-	in := &instance{
-		id: newID(), tenant: tenant, endedCh: make(chan struct{}),
-	}
-	if warm != nil {
-		in.id = warm.id
-	}
-	in.rec = store.Sandbox{
-		ID: in.id, Tenant: tenant, Template: tpl.Name, State: wire.StateCreating,
-		CreatedAt: now, ExpiresAt: now.Add(p.ttl), Metadata: p.metadata, CPU: p.cpu, MemoryMB: p.memMB,
-		DiskMB: p.diskMB, Pids: p.pids, Env: p.env, OnTimeout: p.onTimeout, TTLSeconds: int(p.ttl / time.Second),
 	}
 	discardWarm := func() {
 		if warm != nil {
@@ -157,56 +198,104 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 			_ = m.rt.Delete(context.WithoutCancel(ctx), warm.id)
 		}
 	}
-	spec, err := m.spec(in.rec)
+	now := m.now().UTC()
+	id := newID()
+	if warm != nil {
+		id = warm.id
+	}
+	rec := store.Sandbox{
+		ID: id, Tenant: tenant, Template: tpl.Name, State: wire.StateCreating,
+		CreatedAt: now, ExpiresAt: now.Add(p.ttl), Metadata: p.metadata, CPU: p.cpu, MemoryMB: p.memMB,
+		DiskMB: p.diskMB, Pids: p.pids, Env: p.env, OnTimeout: p.onTimeout, TTLSeconds: int(p.ttl / time.Second),
+		Layout: p.layout,
+	}
+	if rec.Layout == 0 {
+		rec.Layout = layoutAgentMount
+	}
+	spec, err := m.spec(rec)
 	if err != nil {
 		discardWarm()
 		return wire.Sandbox{}, err
 	}
-	m.mu.Lock()
-	if m.closed {
-		m.mu.Unlock()
-		discardWarm()
-		return wire.Sandbox{}, errdefs.Unavailable("server is shutting down")
-	}
-	if len(m.live)-m.paused >= m.cfg.MaxSandboxes {
-		m.mu.Unlock()
-		discardWarm()
-		return wire.Sandbox{}, errdefs.New(errdefs.ErrQuota, "server is at its limit of %d sandboxes", m.cfg.MaxSandboxes)
-	}
-	m.live[in.id] = in
-	m.mu.Unlock()
-	// The instance lock is held until the sandbox runs, so a concurrent
-	// kill of the new id waits for the create to settle.
-	in.mu.Lock()
-	defer in.mu.Unlock()
-
-	// A create outlives a client that hangs up: it finishes or is undone.
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.StartTimeout)
-	defer cancel()
-	if err := m.store.CreateSandbox(cctx, in.rec); err != nil {
-		m.forget(in)
+	if err := m.reserveSlot(); err != nil {
 		discardWarm()
 		return wire.Sandbox{}, err
 	}
+	in := newInstance(id, tenant, rec, phaseCreating)
+	in.slot = true
+	// The operation lock is held until the sandbox runs, so a concurrent
+	// kill of the new id waits for the create to settle.
+	_ = in.op.lock(context.Background())
+	defer in.op.unlock()
+	m.mu.Lock()
+	m.live[id] = in
+	m.mu.Unlock()
+	// Undo, newest first: runtime, record, registration and slot.
+	cu := cleanup.Make(func() {
+		in.mu.Lock()
+		_ = in.setPhase(phaseStopping)
+		_ = in.setPhase(phaseEnded)
+		in.slot = false
+		in.mu.Unlock()
+		m.mu.Lock()
+		delete(m.live, id)
+		m.slots--
+		m.mu.Unlock()
+	})
+	defer cu.Clean()
+
+	// The create itself outlives a client that hangs up (runsc is never cut
+	// off half-way); it is undone afterwards. StartTimeout bounds the start;
+	// the store's writes are not part of it.
+	sctx := context.WithoutCancel(ctx)
+	if err := m.store.CreateSandbox(sctx, rec); err != nil {
+		discardWarm()
+		return wire.Sandbox{}, err
+	}
+	cu.Add(func() {
+		if err := m.store.SetSandboxState(context.WithoutCancel(ctx), id, wire.StateFailed, true); err != nil {
+			m.log.Error("recording failed create", "id", id, "err", err)
+		}
+	})
 	var client *agent.Client
 	if warm != nil {
 		client = warm.client
-	} else if client, err = m.boot(cctx, spec, image); err != nil {
-		m.forget(in)
-		_ = m.store.SetSandboxState(context.WithoutCancel(ctx), in.id, wire.StateFailed, true)
+	} else {
+		cctx, cancel := withTimeout(ctx, m.cfg.StartTimeout)
+		client, err = m.boot(cctx, spec, image)
+		cancel()
+	}
+	if err != nil {
+		return wire.Sandbox{}, errdefs.Wrap(errdefs.ErrUnavailable, err, "the sandbox could not be started")
+	}
+	cu.Add(func() {
+		client.Close()
+		if err := m.rt.Delete(context.WithoutCancel(ctx), id); err != nil {
+			m.log.Error("undoing create", "id", id, "err", err)
+		}
+	})
+	if err := m.store.SetSandboxState(sctx, id, wire.StateRunning, false); err != nil {
 		return wire.Sandbox{}, err
 	}
+	if err := ctx.Err(); err != nil {
+		m.log.Info("client went away during create; undoing it", "id", id)
+		return wire.Sandbox{}, fmt.Errorf("creating sandbox: the client went away: %w", err)
+	}
+	in.mu.Lock()
 	in.client = client
 	in.rec.State = wire.StateRunning
-	if err := m.store.SetSandboxState(cctx, in.id, wire.StateRunning, false); err != nil {
-		client.Close()
-		_ = m.rt.Delete(context.WithoutCancel(ctx), in.id)
-		m.forget(in)
-		return wire.Sandbox{}, err
+	_ = in.setPhase(phaseRunning)
+	sb := in.toWire()
+	in.mu.Unlock()
+	cu.Release()
+	if warm != nil {
+		m.poolMu.Lock()
+		m.poolHits++
+		m.poolMu.Unlock()
 	}
 	go m.watch(in, client)
-	m.log.Info("sandbox created", "id", in.id, "tenant", tenant, "template", tpl.Name, "restored", image != "", "pooled", warm != nil)
-	return toWire(in.rec), nil
+	m.log.Info("sandbox created", "id", id, "tenant", tenant, "template", tpl.Name, "restored", image != "", "pooled", warm != nil)
+	return sb, nil
 }
 
 // spec is the runtime spec of a sandbox record.
@@ -215,7 +304,18 @@ func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
 	if err != nil {
 		return runtime.Spec{}, err
 	}
-	agentPath, err := m.agentIn(tpl)
+	var (
+		agentPath string
+		binds     []runtime.Bind
+	)
+	if r.Layout == layoutAgentInTemplate {
+		agentPath, err = m.agentIn(tpl)
+	} else {
+		var name string
+		name, err = m.agentName()
+		agentPath = "/.pandastack/" + name
+		binds = []runtime.Bind{{Source: m.agentsDir(), Destination: "/.pandastack"}}
+	}
 	if err != nil {
 		return runtime.Spec{}, err
 	}
@@ -231,15 +331,17 @@ func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
 		Hostname:  r.ID,
 		RootfsDir: tpl.Rootfs,
 		Init:      []string{agentPath},
+		Binds:     binds,
 		Env:       append(append([]string{}, baseEnv...), envList(r.Env)...),
 		Limits: runtime.Limits{
 			CPU:         r.CPU,
 			MemoryBytes: int64(r.MemoryMB) << 20,
 			Pids:        int64(pids),
 			DiskBytes:   int64(disk) << 20,
-			// The same for every sandbox: a restore needs the mounts of
-			// the image it restores, whatever memory the sandbox has.
-			TmpBytes: int64(m.cfg.TmpMB) << 20,
+			// /tmp lives in the sandbox's memory: at most half of it, so a
+			// full /tmp leaves room to run. A restore needs the mounts of
+			// its image, and a restore always has its image's memory.
+			TmpBytes: int64(min(m.cfg.TmpMB, r.MemoryMB/2)) << 20,
 		},
 	}, nil
 }
@@ -255,12 +357,16 @@ func mergeMaps(a, b map[string]string) map[string]string {
 	return out
 }
 
+// errAgentUnresponsive reports a sandbox that started but whose agent did
+// not answer.
+var errAgentUnresponsive = errors.New("the sandbox's agent did not answer")
+
 // boot starts the sandbox (or restores it from image) and waits for its
 // agent; on error nothing of it is left.
 func (m *Manager) boot(ctx context.Context, spec runtime.Spec, image string) (*agent.Client, error) {
 	if image == "" {
 		if err := m.rt.Start(ctx, spec); err != nil {
-			return nil, errdefs.Unavailable("starting sandbox: %v", err)
+			return nil, fmt.Errorf("starting sandbox: %w", err)
 		}
 	} else {
 		cp, err := m.checkpointer()
@@ -268,36 +374,37 @@ func (m *Manager) boot(ctx context.Context, spec runtime.Spec, image string) (*a
 			return nil, err
 		}
 		if err := cp.Restore(ctx, spec, image); err != nil {
-			return nil, errdefs.Unavailable("restoring sandbox: %v", err)
+			return nil, fmt.Errorf("restoring sandbox: %w", err)
 		}
 	}
 	client, err := m.connect(ctx, spec.ID)
 	if err != nil {
 		_ = m.rt.Delete(context.WithoutCancel(ctx), spec.ID)
-		return nil, errdefs.Unavailable("connecting to the agent of %s: %v", spec.ID, err)
+		return nil, fmt.Errorf("%w: %w", errAgentUnresponsive, err)
 	}
 	return client, nil
 }
 
-func (m *Manager) connect(ctx context.Context, id string) (*agent.Client, error) {
-	conn, err := m.rt.Connect(ctx, id)
+func (m *Manager) agentsDir() string { return filepath.Join(m.stateDir, "agents") }
+
+// agentName returns the name of the agent in the agents directory,
+// installing it on first use.
+func (m *Manager) agentName() (string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if name, ok := m.agents[""]; ok {
+		return name, nil
+	}
+	name, err := template.InstallAgentIn(m.agentsDir(), m.agentBin)
 	if err != nil {
-		return nil, err
+		return "", fmt.Errorf("installing agent: %w", err)
 	}
-	client, err := agent.Dial(ctx, conn)
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	if _, err := client.Ping(ctx); err != nil {
-		client.Close()
-		return nil, err
-	}
-	return client, nil
+	m.agents[""] = name
+	return name, nil
 }
 
 // agentIn returns the agent's path inside the template, installing it on
-// first use.
+// first use (layoutAgentInTemplate).
 func (m *Manager) agentIn(tpl template.Template) (string, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()

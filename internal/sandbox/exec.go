@@ -16,10 +16,15 @@ import (
 // wire.EventStdout or wire.EventStderr. An error stops the command.
 type Output func(stream string, data []byte) error
 
-// Exec runs one command in the tenant's sandbox. The result's Stdout and
-// Stderr are left empty: output goes to out.
+// Exec runs one command in the tenant's sandbox (resuming it first if
+// paused). The result's Stdout and Stderr are left empty: output goes to out.
+//
+// The daemon enforces the command's timeout itself too: when the agent has
+// not reported the command's end ExecGrace after its timeout, the agent is
+// asked for a sign of life, and a sandbox whose agent gives none is ended
+// as failed.
 func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequest, out Output) (wire.ExecResult, error) {
-	areq, err := m.execRequest(req)
+	areq, timeout, err := m.execRequest(req)
 	if err != nil {
 		return wire.ExecResult{}, err
 	}
@@ -28,15 +33,44 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 		return wire.ExecResult{}, err
 	}
 	in.mu.Lock()
-	if err := m.ensureRunning(ctx, in); err != nil {
-		in.mu.Unlock()
-		return wire.ExecResult{}, err
+	running := in.phase == phaseRunning
+	in.mu.Unlock()
+	if !running {
+		if err := in.op.lock(ctx); err != nil {
+			return wire.ExecResult{}, err
+		}
+		err := m.ensureRunningLocked(ctx, in)
+		in.op.unlock()
+		if err != nil {
+			return wire.ExecResult{}, err
+		}
 	}
+	in.mu.Lock()
+	if in.phase != phaseRunning && in.phase != phasePausing || in.client == nil {
+		in.mu.Unlock()
+		if in.phase >= phaseStopping {
+			return wire.ExecResult{}, errGone(in)
+		}
+		return wire.ExecResult{}, errdefs.Conflict("sandbox %q is %s; try again", id, in.phase)
+	}
+	if in.execs >= m.cfg.MaxExecsPerSandbox {
+		in.mu.Unlock()
+		return wire.ExecResult{}, errdefs.Quota("sandbox %q already runs %d commands, the most it may run at once", id, m.cfg.MaxExecsPerSandbox)
+	}
+	in.execs++
 	client := in.client
 	// The sandbox's own env applies to every command, also after a restore
 	// whose agent started with another sandbox's environment.
 	areq.Env = envList(mergeMaps(in.rec.Env, req.Env))
 	in.mu.Unlock()
+	defer func() {
+		in.mu.Lock()
+		in.execs--
+		in.mu.Unlock()
+	}()
+	if err := checkFrameSize(areq); err != nil {
+		return wire.ExecResult{}, err
+	}
 	eio := agent.ExecIO{
 		Stdout: func(b []byte) error { return out(wire.EventStdout, b) },
 		Stderr: func(b []byte) error { return out(wire.EventStderr, b) },
@@ -44,20 +78,13 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 	if req.Stdin != "" {
 		eio.Stdin = strings.NewReader(req.Stdin)
 	}
+	ectx, cancel := context.WithTimeout(ctx, timeout+m.cfg.ExecGrace)
+	defer cancel()
 	start := time.Now()
-	ex, err := client.Exec(ctx, areq, eio)
+	ex, err := client.Exec(ectx, areq, eio)
 	dur := time.Since(start)
 	if err != nil {
-		if ctx.Err() != nil {
-			return wire.ExecResult{}, fmt.Errorf("running command: %w", err)
-		}
-		in.mu.Lock()
-		ending := in.ending
-		in.mu.Unlock()
-		if ending || errors.Is(err, agent.ErrSessionClosed) {
-			return wire.ExecResult{}, errdefs.Conflict("sandbox %q stopped while the command ran", id)
-		}
-		return wire.ExecResult{}, errdefs.Unavailable("running command in %s: %v", id, err)
+		return wire.ExecResult{}, m.execError(ctx, ectx, in, client, timeout, err)
 	}
 	return wire.ExecResult{
 		ExitCode:   ex.ExitCode,
@@ -67,43 +94,115 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 	}, nil
 }
 
-func (m *Manager) execRequest(req wire.ExecRequest) (agent.ExecRequest, error) {
+// execError explains why a command's stream ended without its exit.
+func (m *Manager) execError(ctx, ectx context.Context, in *instance, client *agent.Client, timeout time.Duration, err error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("running command: %w", ctx.Err())
+	}
+	if errors.Is(ectx.Err(), context.DeadlineExceeded) && !client.IsClosed() {
+		// The agent let the command's timeout pass without a word.
+		if perr := m.pingWithin(client, m.cfg.AgentTimeout); perr != nil {
+			reason := "its agent stopped answering (it may have been stopped from inside the sandbox)"
+			m.fail(in, reason)
+			return errdefs.Wrap(errdefs.ErrUnavailable, perr, "sandbox %q was ended: %s", in.id, reason)
+		}
+		return errdefs.Wrap(errdefs.ErrTimeout, err, "the command did not finish within its timeout of %s", timeout)
+	}
+	if client.IsClosed() {
+		// Give the session's end a moment to be explained (a death's
+		// cause, a pause, a kill) before answering.
+		select {
+		case <-in.ended:
+		case <-time.After(2 * time.Second):
+		}
+		return in.sessionEndedError()
+	}
+	return errdefs.Wrap(errdefs.ErrUnavailable, err, "running the command in sandbox %q failed", in.id)
+}
+
+// pingWithin asks the agent for a sign of life, waiting at most d whatever
+// state the transport is in.
+func (m *Manager) pingWithin(client *agent.Client, d time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := client.Ping(ctx)
+		errc <- err
+	}()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// checkFrameSize refuses a command that, with its environment, does not fit
+// in one agent frame.
+func checkFrameSize(req agent.ExecRequest) error {
+	n, err := agent.EncodedSize(agent.Request{Op: agent.OpExec, Exec: &req})
+	if err != nil {
+		return err
+	}
+	if n > agent.MaxFrame {
+		return errdefs.Invalid("the command and its environment are %d bytes encoded; at most %d are allowed", n, agent.MaxFrame)
+	}
+	return nil
+}
+
+func (m *Manager) execRequest(req wire.ExecRequest) (agent.ExecRequest, time.Duration, error) {
 	var argv []string
 	switch {
 	case req.Cmd != "" && len(req.Argv) > 0:
-		return agent.ExecRequest{}, errdefs.Invalid("give either cmd or argv, not both")
+		return agent.ExecRequest{}, 0, errdefs.Invalid("give either cmd or argv, not both")
 	case req.Cmd != "":
 		argv = []string{"/bin/sh", "-c", req.Cmd}
 	case len(req.Argv) > 0:
 		if req.Argv[0] == "" {
-			return agent.ExecRequest{}, errdefs.Invalid("argv[0] is empty")
+			return agent.ExecRequest{}, 0, errdefs.Invalid("argv[0] is empty")
 		}
 		argv = req.Argv
 	default:
-		return agent.ExecRequest{}, errdefs.Invalid("cmd or argv is required")
+		return agent.ExecRequest{}, 0, errdefs.Invalid("cmd or argv is required")
 	}
-	for _, a := range argv {
+	total := 0
+	for i, a := range argv {
 		if strings.ContainsRune(a, 0) {
-			return agent.ExecRequest{}, errdefs.Invalid("command contains a NUL byte")
+			return agent.ExecRequest{}, 0, errdefs.Invalid("command contains a NUL byte")
 		}
+		if len(a) > maxArgBytes {
+			what := fmt.Sprintf("argv[%d]", i)
+			if req.Cmd != "" {
+				what = "cmd"
+			}
+			return agent.ExecRequest{}, 0, errdefs.Invalid("%s is %d bytes; at most %d are allowed (write long scripts to a file, or pass them on stdin)", what, len(a), maxArgBytes)
+		}
+		total += len(a)
+	}
+	if total > maxCmdBytes {
+		return agent.ExecRequest{}, 0, errdefs.Invalid("argv is %d bytes in all; at most %d are allowed", total, maxCmdBytes)
 	}
 	if err := checkEnv(req.Env); err != nil {
-		return agent.ExecRequest{}, err
+		return agent.ExecRequest{}, 0, err
 	}
 	if req.Cwd != "" && !strings.HasPrefix(req.Cwd, "/") {
-		return agent.ExecRequest{}, errdefs.Invalid("cwd must be an absolute path, got %q", req.Cwd)
+		return agent.ExecRequest{}, 0, errdefs.Invalid("cwd must be an absolute path, got %q", truncate(req.Cwd, 256))
+	}
+	if strings.ContainsRune(req.Cwd, 0) || len(req.Cwd) > 4096 {
+		return agent.ExecRequest{}, 0, errdefs.Invalid("cwd must be at most 4096 bytes without NUL bytes")
 	}
 	timeout := m.cfg.DefaultExecTimeout
 	if req.TimeoutSeconds != 0 {
 		// Compare as floats first: a huge value would overflow Duration.
 		ts := req.TimeoutSeconds
 		if !(ts > 0 && ts <= m.cfg.MaxExecTimeout.Seconds()) {
-			return agent.ExecRequest{}, errdefs.Invalid("timeout_seconds must be between 0 and %d, got %g", int(m.cfg.MaxExecTimeout/time.Second), ts)
+			return agent.ExecRequest{}, 0, errdefs.Invalid("timeout_seconds must be between 0 and %d, got %g", int(m.cfg.MaxExecTimeout/time.Second), ts)
 		}
 		timeout = time.Duration(ts * float64(time.Second))
 	}
 	// A zero TimeoutMS means no timeout to the agent: never send one.
 	ms := max(timeout.Milliseconds(), 1)
 	return agent.ExecRequest{Argv: argv, Env: envList(req.Env), Cwd: req.Cwd, TimeoutMS: ms,
-		MaxOutputBytes: int64(m.cfg.MaxOutputBytes)}, nil
+		MaxOutputBytes: int64(m.cfg.MaxOutputBytes)}, timeout, nil
 }

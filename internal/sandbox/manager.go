@@ -1,11 +1,12 @@
 // Package sandbox is the lifecycle of sandboxes: the Manager creates them
 // from templates through a runtime.Runtime, runs commands in them through
-// their agent, extends and enforces their TTL, and destroys them, keeping
-// the store in step.
+// their agent, pauses, resumes, snapshots and forks them, extends and
+// enforces their TTL, and destroys them, keeping the store in step.
 //
-// States: creating → running → stopped | expired | failed. Only running
-// sandboxes are visible through the API; ended ones stay in the store for
-// a day, for audit.
+// Every sandbox moves through the checked lifecycle in lifecycle.go. Every
+// wait on a sandbox is bounded (runsc calls, the agent's handshake and
+// answers, checkpoints); operations on one sandbox are serialised by its own
+// lock, and nothing global (list, reaper, shutdown) waits on that lock.
 package sandbox
 
 import (
@@ -22,7 +23,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/pandastack/pandastack/internal/agent"
 	"github.com/pandastack/pandastack/internal/errdefs"
 	"github.com/pandastack/pandastack/internal/runtime"
 	"github.com/pandastack/pandastack/internal/store"
@@ -37,19 +37,32 @@ type Config struct {
 	DefaultCPU, MaxCPU           float64
 	DefaultMemoryMB, MaxMemoryMB int
 	// DiskMB is the default cap of a sandbox's writable root layer and
-	// MaxDiskMB the largest a create may ask for; TmpMB caps /tmp.
+	// MaxDiskMB the largest a create may ask for; TmpMB caps /tmp (and a
+	// sandbox's /tmp is never more than half its memory: it lives there).
 	DiskMB, MaxDiskMB, TmpMB int
 	// Pids is the default cap of processes per sandbox and MaxPids the
 	// largest a create may ask for.
 	Pids, MaxPids int
-	// MaxSandboxes caps running sandboxes on this server.
+	// MaxSandboxes caps sandboxes that hold processes on this server
+	// (running ones, and ones being created or resumed).
 	MaxSandboxes int
 	// DefaultExecTimeout and MaxExecTimeout bound one command.
 	DefaultExecTimeout, MaxExecTimeout time.Duration
+	// ExecGrace is how long past a command's timeout the daemon waits for
+	// the agent to report it; then the agent counts as not answering.
+	ExecGrace time.Duration
+	// MaxExecsPerSandbox caps the commands running at once in one sandbox.
+	MaxExecsPerSandbox int
 	// ReapInterval is how often expired sandboxes are looked for.
 	ReapInterval time.Duration
-	// StartTimeout bounds a create, from runtime start to agent answer.
+	// StartTimeout bounds a create or resume, from runtime start to agent
+	// answer.
 	StartTimeout time.Duration
+	// AgentTimeout bounds the agent's answer to a handshake or ping; an
+	// agent that does not answer in time has its sandbox ended as failed.
+	AgentTimeout time.Duration
+	// CheckpointTimeout bounds one pause, snapshot or fork checkpoint.
+	CheckpointTimeout time.Duration
 	// MaxOutputBytes caps each of stdout and stderr of one exec; the rest
 	// is dropped inside the sandbox and the result says truncated.
 	MaxOutputBytes int
@@ -67,6 +80,20 @@ type Config struct {
 	// the next daemon) or "keep" (left running for the next daemon to
 	// re-adopt). Paused sandboxes are always kept.
 	OnShutdown string
+	// PausedTTL is how long a paused sandbox is kept before it is
+	// deleted; SnapshotTTL is the default and longest life of a snapshot.
+	PausedTTL, SnapshotTTL time.Duration
+	// PauseRetry is how long the reaper waits before it tries again to
+	// pause a sandbox whose pause at its TTL failed (full disk, quota);
+	// after PauseGiveUp past its TTL the sandbox is destroyed instead.
+	PauseRetry, PauseGiveUp time.Duration
+	// MaxStoredMB caps what one tenant keeps on disk in snapshots and
+	// paused sandboxes.
+	MaxStoredMB int
+	// MinFreeDiskMB is the free space on the data disk that pauses,
+	// snapshots, forks and creates leave untouched: below it they are
+	// refused, so the store always has room to write.
+	MinFreeDiskMB int
 }
 
 // DefaultConfig returns the built-in defaults.
@@ -79,29 +106,44 @@ func DefaultConfig() Config {
 		MaxSandboxes:       1000,
 		MaxOutputBytes:     10 << 20,
 		DefaultExecTimeout: 60 * time.Second, MaxExecTimeout: time.Hour,
-		ReapInterval: time.Second,
-		StartTimeout: 30 * time.Second,
+		ExecGrace:          10 * time.Second,
+		MaxExecsPerSandbox: 256,
+		ReapInterval:       time.Second,
+		StartTimeout:       60 * time.Second,
+		AgentTimeout:       10 * time.Second,
+		CheckpointTimeout:  10 * time.Minute,
+		PausedTTL:          7 * 24 * time.Hour,
+		SnapshotTTL:        7 * 24 * time.Hour,
+		PauseRetry:         30 * time.Second,
+		PauseGiveUp:        10 * time.Minute,
+		MaxStoredMB:        50 << 10,
+		MinFreeDiskMB:      1024,
+		// Not filled in by withDefaults: zero means no pool.
+		PoolSize: 2,
 	}
 }
 
 func (c Config) withDefaults() Config {
 	d := DefaultConfig()
-	set := func(v *time.Duration, dv time.Duration) {
-		if *v == 0 {
-			*v = dv
+	for _, p := range []struct{ v, dv *time.Duration }{
+		{&c.DefaultTTL, &d.DefaultTTL}, {&c.MaxTTL, &d.MaxTTL},
+		{&c.DefaultExecTimeout, &d.DefaultExecTimeout}, {&c.MaxExecTimeout, &d.MaxExecTimeout},
+		{&c.ExecGrace, &d.ExecGrace}, {&c.ReapInterval, &d.ReapInterval},
+		{&c.StartTimeout, &d.StartTimeout}, {&c.AgentTimeout, &d.AgentTimeout},
+		{&c.CheckpointTimeout, &d.CheckpointTimeout},
+		{&c.PausedTTL, &d.PausedTTL}, {&c.SnapshotTTL, &d.SnapshotTTL},
+		{&c.PauseRetry, &d.PauseRetry}, {&c.PauseGiveUp, &d.PauseGiveUp},
+	} {
+		if *p.v == 0 {
+			*p.v = *p.dv
 		}
 	}
-	set(&c.DefaultTTL, d.DefaultTTL)
-	set(&c.MaxTTL, d.MaxTTL)
-	set(&c.DefaultExecTimeout, d.DefaultExecTimeout)
-	set(&c.MaxExecTimeout, d.MaxExecTimeout)
-	set(&c.ReapInterval, d.ReapInterval)
-	set(&c.StartTimeout, d.StartTimeout)
 	for _, p := range []struct{ v, dv *int }{
 		{&c.DefaultMemoryMB, &d.DefaultMemoryMB}, {&c.MaxMemoryMB, &d.MaxMemoryMB},
 		{&c.DiskMB, &d.DiskMB}, {&c.TmpMB, &d.TmpMB}, {&c.Pids, &d.Pids}, {&c.MaxSandboxes, &d.MaxSandboxes},
 		{&c.MaxDiskMB, &d.MaxDiskMB}, {&c.MaxPids, &d.MaxPids},
-		{&c.MaxOutputBytes, &d.MaxOutputBytes},
+		{&c.MaxOutputBytes, &d.MaxOutputBytes}, {&c.MaxExecsPerSandbox, &d.MaxExecsPerSandbox},
+		{&c.MaxStoredMB, &d.MaxStoredMB}, {&c.MinFreeDiskMB, &d.MinFreeDiskMB},
 	} {
 		if *p.v == 0 {
 			*p.v = *p.dv
@@ -121,24 +163,23 @@ type Templates interface {
 	Get(name string) (template.Template, error)
 }
 
-// Store persists sandbox records.
+// Store persists sandbox and snapshot records.
 type Store interface {
 	CreateSandbox(ctx context.Context, sb store.Sandbox) error
 	GetSandbox(ctx context.Context, tenant, id string) (store.Sandbox, error)
 	ListSandboxes(ctx context.Context, tenant string, states ...string) ([]store.Sandbox, error)
 	SetSandboxState(ctx context.Context, id, state string, ended bool) error
-	SetSandboxExpiry(ctx context.Context, id string, expires time.Time) error
+	SetSandboxExpiry(ctx context.Context, id string, expires time.Time, ttlSeconds int) error
 	PruneEnded(ctx context.Context, before time.Time) (int64, error)
 	SetSandboxPaused(ctx context.Context, id string, paused bool, bytes int64, expires time.Time) error
 	CreateSnapshot(ctx context.Context, sn store.Snapshot) error
 	GetSnapshot(ctx context.Context, tenant, id string) (store.Snapshot, error)
 	ListSnapshots(ctx context.Context, tenant string) ([]store.Snapshot, error)
 	DeleteSnapshot(ctx context.Context, tenant, id string) error
+	StoredBytes(ctx context.Context, tenant string) (int64, error)
 }
 
-// Manager owns every running sandbox of this server. It is safe for
-// concurrent use; calls on one sandbox are serialised by its own lock, calls
-// on different sandboxes run in parallel.
+// Manager owns every sandbox of this server. It is safe for concurrent use.
 type Manager struct {
 	cfg       Config
 	rt        runtime.Runtime
@@ -148,21 +189,28 @@ type Manager struct {
 	stateDir  string
 	log       *slog.Logger
 	now       func() time.Time
+	disk      *diskGuard
 
 	stop     context.CancelFunc
+	bgCtx    context.Context
 	reaperWG sync.WaitGroup
+	// opsWG counts background operations (reaper actions) that Close
+	// waits for.
+	opsWG sync.WaitGroup
 
 	mu sync.Mutex
-	// live holds the sandboxes that are creating, running or paused.
+	// live holds the sandboxes from the start of their create until they
+	// have ended.
 	live map[string]*instance
-	// paused counts the paused ones among them: MaxSandboxes limits the
-	// others only, paused sandboxes cost no memory.
-	paused int
+	// slots counts the sandboxes that hold (or are about to hold) runtime
+	// processes: MaxSandboxes bounds it. Paused sandboxes hold none.
+	slots int
 	// agents maps a template hash to the agent's path inside it.
 	agents map[string]string
 	// pins counts restores in progress per snapshot id; -1 while the
 	// snapshot is being deleted.
-	pins map[string]int
+	pins   map[string]int
+	closed bool
 
 	// tplMu serialises the making of template snapshots.
 	tplMu sync.Mutex
@@ -173,19 +221,8 @@ type Manager struct {
 	// pool holds warm sandboxes per template name.
 	pool     map[string][]*pooled
 	poolKick chan struct{}
-	closed   bool
-}
-
-// instance is one live sandbox.
-type instance struct {
-	id     string
-	tenant string
-
-	mu      sync.Mutex
-	rec     store.Sandbox
-	client  *agent.Client
-	ending  bool // set once Kill or expiry started tearing it down
-	endedCh chan struct{}
+	// poolHits counts creates served from the warm pool.
+	poolHits int
 }
 
 // Options wires a Manager.
@@ -196,7 +233,8 @@ type Options struct {
 	Templates Templates
 	// AgentBinary is the host path of the agent, copied into templates.
 	AgentBinary string
-	// StateDir holds snapshots and the saved state of paused sandboxes.
+	// StateDir holds snapshots, the saved state of paused sandboxes and
+	// checkpoints in progress (its tmp directory).
 	StateDir string
 	Log      *slog.Logger
 	// Now is the clock; time.Now when nil.
@@ -211,237 +249,53 @@ func NewManager(o Options) *Manager {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	cfg := o.Config.withDefaults()
 	return &Manager{
-		cfg: o.Config.withDefaults(), rt: o.Runtime, store: o.Store, templates: o.Templates,
+		cfg: cfg, rt: o.Runtime, store: o.Store, templates: o.Templates,
 		agentBin: o.AgentBinary, stateDir: o.StateDir, log: o.Log, now: o.Now,
+		disk: newDiskGuard(o.StateDir, int64(cfg.MinFreeDiskMB)<<20),
 		live: make(map[string]*instance), agents: make(map[string]string), pins: make(map[string]int),
 		tplFailed: make(map[string]time.Time), pool: make(map[string][]*pooled), poolKick: make(chan struct{}, 1),
-	}
-}
-
-// Start reconciles the store with what the runtime still runs, then starts
-// the TTL reaper.
-//
-// Sandboxes an earlier daemon left running are re-adopted when their record
-// says running and their agent answers: they keep their id, TTL and state.
-// Everything else is cleaned up: half-created sandboxes, runtime leftovers
-// without a record, and records whose sandbox is gone (marked failed).
-func (m *Manager) Start(ctx context.Context) error {
-	ids, err := m.rt.List(ctx)
-	if err != nil {
-		return fmt.Errorf("listing leftover sandboxes: %w", err)
-	}
-	inRuntime := make(map[string]bool, len(ids))
-	for _, id := range ids {
-		inRuntime[id] = true
-	}
-	recs, err := m.store.ListSandboxes(ctx, "", wire.StateCreating, wire.StateRunning, wire.StatePaused)
-	if err != nil {
-		return err
-	}
-	adopted := make(map[string]bool)
-	for _, r := range recs {
-		if r.State == wire.StatePaused {
-			// Paused sandboxes are kept: their saved state is on disk.
-			if _, err := os.Stat(m.pausedDir(r.ID)); err == nil {
-				m.mu.Lock()
-				m.live[r.ID] = &instance{id: r.ID, tenant: r.Tenant, rec: r, endedCh: make(chan struct{})}
-				m.paused++
-				m.mu.Unlock()
-				continue
-			}
-			m.log.Warn("paused sandbox lost its saved state", "id", r.ID)
-		}
-		if r.State == wire.StateRunning && inRuntime[r.ID] {
-			err := m.adopt(ctx, r)
-			if err == nil {
-				adopted[r.ID] = true
-				continue
-			}
-			m.log.Warn("cannot re-adopt sandbox", "id", r.ID, "err", err)
-		}
-		m.log.Info("sandbox did not survive the restart", "id", r.ID, "state", r.State)
-		if inRuntime[r.ID] {
-			if err := m.rt.Delete(ctx, r.ID); err != nil {
-				m.log.Error("removing sandbox", "id", r.ID, "err", err)
-			}
-		}
-		if err := m.store.SetSandboxState(ctx, r.ID, wire.StateFailed, true); err != nil {
-			return err
-		}
-	}
-	known := make(map[string]bool, len(recs))
-	for _, r := range recs {
-		known[r.ID] = true
-	}
-	for _, id := range ids {
-		if !known[id] {
-			m.log.Info("removing sandbox left by an earlier run", "id", id)
-			if err := m.rt.Delete(ctx, id); err != nil {
-				m.log.Error("removing leftover sandbox", "id", id, "err", err)
-			}
-		}
-	}
-	rctx, cancel := context.WithCancel(context.Background())
-	m.stop = cancel
-	m.reaperWG.Add(1)
-	go m.reaper(rctx)
-	if m.cfg.PoolSize > 0 {
-		m.reaperWG.Add(1)
-		go m.refillPools(rctx)
-	} else if m.cfg.TemplateSnapshots {
-		// Make the template snapshots now rather than in the first create.
-		m.reaperWG.Add(1)
-		go func() {
-			defer m.reaperWG.Done()
-			for _, name := range m.cfg.PoolTemplates {
-				if tpl, err := m.templates.Get(name); err == nil {
-					_, _ = m.templateImage(rctx, tpl)
-				}
-			}
-		}()
-	}
-	return nil
-}
-
-// adopt takes over a sandbox an earlier daemon started.
-func (m *Manager) adopt(ctx context.Context, r store.Sandbox) error {
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	client, err := m.connect(cctx, r.ID)
-	if err != nil {
-		return err
-	}
-	in := &instance{id: r.ID, tenant: r.Tenant, rec: r, client: client, endedCh: make(chan struct{})}
-	m.mu.Lock()
-	m.live[r.ID] = in
-	m.mu.Unlock()
-	go m.watch(in, client)
-	m.log.Info("re-adopted sandbox", "id", r.ID, "tenant", r.Tenant, "expires", r.ExpiresAt)
-	return nil
-}
-
-// Shutdown actions for running sandboxes (Config.OnShutdown).
-const (
-	ShutdownKill  = "kill"
-	ShutdownPause = "pause"
-	ShutdownKeep  = "keep"
-)
-
-// Close stops the reaper and the warm pools, then deals with every running
-// sandbox as Config.OnShutdown says. Paused sandboxes stay paused: their
-// records and saved state are what the next daemon starts from.
-func (m *Manager) Close(ctx context.Context) error {
-	m.mu.Lock()
-	m.closed = true
-	ins := make([]*instance, 0, len(m.live))
-	for _, in := range m.live {
-		ins = append(ins, in)
-	}
-	m.mu.Unlock()
-	if m.stop != nil {
-		m.stop()
-	}
-	m.reaperWG.Wait()
-	// detach lets go of a sandbox without ending it.
-	detach := func(in *instance) {
-		client := in.client
-		in.ending = true
-		if client != nil {
-			client.Close()
-		}
-	}
-	var errs []error
-	for _, in := range ins {
-		in.mu.Lock()
-		paused := in.rec.State == wire.StatePaused
-		action := m.cfg.OnShutdown
-		if action == ShutdownPause && !paused {
-			if err := m.pauseLocked(ctx, in); err != nil {
-				m.log.Error("pausing sandbox at shutdown; destroying it", "id", in.id, "err", err)
-				action = ShutdownKill
-			} else {
-				paused = true
-			}
-		}
-		if paused || action == ShutdownKeep {
-			detach(in)
-			in.mu.Unlock()
-			continue
-		}
-		in.mu.Unlock()
-		if err := m.end(ctx, in, wire.StateStopped); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-func (m *Manager) reaper(ctx context.Context) {
-	defer m.reaperWG.Done()
-	t := time.NewTicker(m.cfg.ReapInterval)
-	defer t.Stop()
-	lastPrune := m.now()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		now := m.now()
-		// Lock order is instance then manager (a create holds its
-		// instance while it registers); never the other way round.
-		m.mu.Lock()
-		all := make([]*instance, 0, len(m.live))
-		for _, in := range m.live {
-			all = append(all, in)
-		}
-		m.mu.Unlock()
-		var expired []*instance
-		for _, in := range all {
-			in.mu.Lock()
-			if !in.ending && in.rec.State == wire.StateRunning && !now.Before(in.rec.ExpiresAt) {
-				expired = append(expired, in)
-			}
-			in.mu.Unlock()
-		}
-		for _, in := range expired {
-			if in.rec.OnTimeout == wire.OnTimeoutPause {
-				m.log.Info("sandbox timed out: pausing", "id", in.id)
-				in.mu.Lock()
-				err := m.pauseLocked(ctx, in)
-				in.mu.Unlock()
-				if err == nil {
-					continue
-				}
-				m.log.Error("pausing timed-out sandbox; destroying it", "id", in.id, "err", err)
-			}
-			m.log.Info("sandbox expired", "id", in.id)
-			if err := m.end(ctx, in, wire.StateExpired); err != nil {
-				m.log.Error("destroying expired sandbox", "id", in.id, "err", err)
-			}
-		}
-		if now.Sub(lastPrune) > time.Hour {
-			lastPrune = now
-			if _, err := m.store.PruneEnded(ctx, now.Add(-24*time.Hour)); err != nil {
-				m.log.Error("pruning ended sandboxes", "err", err)
-			}
-		}
+		bgCtx: context.Background(),
 	}
 }
 
 var envKey = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
+// Sizes of what a command is made of. Linux (and gVisor) refuse a single
+// argument or environment string over 128 KiB at execve; the agent's frames
+// hold at most agent.MaxFrame.
+const (
+	maxArgBytes = 128<<10 - 1
+	maxEnvBytes = 256 << 10
+	maxCmdBytes = 512 << 10
+)
+
 func checkEnv(env map[string]string) error {
+	total := 0
 	for k, v := range env {
-		if !envKey.MatchString(k) {
-			return errdefs.Invalid("invalid environment variable name %q", k)
+		if !envKey.MatchString(k) || len(k) > 256 {
+			return errdefs.Invalid("invalid environment variable name %q", truncate(k, 64))
 		}
 		if strings.ContainsRune(v, 0) {
 			return errdefs.Invalid("environment variable %q contains a NUL byte", k)
 		}
+		if len(k)+1+len(v) > maxArgBytes {
+			return errdefs.Invalid("environment variable %q is %d bytes; at most %d are allowed per variable", k, len(v), maxArgBytes-len(k)-1)
+		}
+		total += len(k) + 1 + len(v)
+	}
+	if total > maxEnvBytes {
+		return errdefs.Invalid("environment is %d bytes; at most %d are allowed", total, maxEnvBytes)
 	}
 	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
 }
 
 func envList(env map[string]string) []string {
@@ -469,52 +323,68 @@ func newID() string {
 	return "sb-" + hex.EncodeToString(b)
 }
 
-func (m *Manager) forget(in *instance) {
+// reserveSlot takes one of MaxSandboxes for a sandbox about to start or
+// resume; the caller later gives it back with releaseSlot or keeps it.
+func (m *Manager) reserveSlot() error {
 	m.mu.Lock()
-	delete(m.live, in.id)
+	defer m.mu.Unlock()
+	if m.closed {
+		return errdefs.Unavailable("server is shutting down")
+	}
+	if m.slots >= m.cfg.MaxSandboxes {
+		return errdefs.Quota("server is at its limit of %d running sandboxes", m.cfg.MaxSandboxes)
+	}
+	m.slots++
+	return nil
+}
+
+func (m *Manager) releaseSlot() {
+	m.mu.Lock()
+	m.slots--
 	m.mu.Unlock()
 }
 
-// watch notices a sandbox that dies on its own (its agent session closes)
-// and cleans it up.
-func (m *Manager) watch(in *instance, client *agent.Client) {
-	select {
-	case <-client.Closed():
-	case <-in.endedCh:
-		return
-	}
+// end destroys a sandbox and records its final state (stopped, expired or
+// failed) with the reason its commands are told. It takes the sandbox's
+// operation lock itself, cutting short an operation in progress where it
+// can. Only the first call for a sandbox does anything.
+func (m *Manager) end(ctx context.Context, in *instance, state, reason string) error {
 	in.mu.Lock()
-	// A pause replaces the client on purpose; only the end of the current
-	// session of a sandbox nobody is ending is a death.
-	ours := in.ending || in.client != client
-	in.mu.Unlock()
-	if ours {
-		return
-	}
-	m.log.Warn("sandbox died", "id", in.id)
-	if err := m.end(context.Background(), in, wire.StateFailed); err != nil {
-		m.log.Error("cleaning up dead sandbox", "id", in.id, "err", err)
-	}
-}
-
-// end tears a live sandbox down and records its final state. Only the first
-// call for a sandbox does anything.
-func (m *Manager) end(ctx context.Context, in *instance, state string) error {
-	in.mu.Lock()
-	if in.ending {
+	if in.phase >= phaseStopping {
 		in.mu.Unlock()
 		return nil
 	}
-	in.ending = true
-	close(in.endedCh)
-	client := in.client
-	wasPaused := in.rec.State == wire.StatePaused
-	in.mu.Unlock()
-	if wasPaused {
-		m.mu.Lock()
-		m.paused--
-		m.mu.Unlock()
+	if in.cancelOp != nil {
+		in.cancelOp()
 	}
+	in.mu.Unlock()
+	// Every operation is bounded, and the one in progress was just told to
+	// stop, so this wait is bounded too.
+	_ = in.op.lock(context.Background())
+	defer in.op.unlock()
+	return m.endLocked(ctx, in, state, reason)
+}
+
+// endLocked is end for a caller that holds in.op.
+func (m *Manager) endLocked(ctx context.Context, in *instance, state, reason string) error {
+	in.mu.Lock()
+	if in.phase >= phaseStopping {
+		in.mu.Unlock()
+		return nil
+	}
+	if err := in.setPhase(phaseStopping); err != nil {
+		in.mu.Unlock()
+		return err
+	}
+	client := in.client
+	in.client = nil
+	if in.endReason == "" || state != wire.StateFailed {
+		in.endReason = reason
+	}
+	slot := in.slot
+	in.slot = false
+	in.mu.Unlock()
+
 	ctx = context.WithoutCancel(ctx)
 	// The record changes first, as the API stops showing the sandbox: a
 	// crash during the teardown leaves a runtime leftover without a live
@@ -529,11 +399,30 @@ func (m *Manager) end(ctx context.Context, in *instance, state string) error {
 	if rerr := os.RemoveAll(m.pausedDir(in.id)); rerr != nil {
 		err = errors.Join(err, rerr)
 	}
-	m.forget(in)
+	m.mu.Lock()
+	delete(m.live, in.id)
+	if slot {
+		m.slots--
+	}
+	m.mu.Unlock()
+	in.mu.Lock()
+	_ = in.setPhase(phaseEnded)
+	in.mu.Unlock()
 	return err
 }
 
-// lookup returns the tenant's live, running sandbox.
+// fail ends a sandbox as failed, in the background: the caller may hold
+// nothing of it, and must not wait.
+func (m *Manager) fail(in *instance, reason string) {
+	m.log.Warn("sandbox failed", "id", in.id, "reason", reason)
+	go func() {
+		if err := m.end(context.Background(), in, wire.StateFailed, reason); err != nil {
+			m.log.Error("cleaning up failed sandbox", "id", in.id, "err", err)
+		}
+	}()
+}
+
+// lookup returns the tenant's live sandbox.
 func (m *Manager) lookup(tenant, id string) (*instance, error) {
 	m.mu.Lock()
 	in, ok := m.live[id]
@@ -552,18 +441,13 @@ func (m *Manager) Get(ctx context.Context, tenant, id string) (wire.Sandbox, err
 	}
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if !in.visible() {
+	if in.visibleState() == "" {
 		return wire.Sandbox{}, errdefs.NotFound("sandbox %q not found", id)
 	}
-	return toWire(in.rec), nil
+	return in.toWire(), nil
 }
 
-// visible reports whether the API shows the sandbox; the caller holds in.mu.
-func (in *instance) visible() bool {
-	return !in.ending && (in.rec.State == wire.StateRunning || in.rec.State == wire.StatePaused)
-}
-
-// List returns the tenant's running sandboxes, oldest first.
+// List returns the tenant's running and paused sandboxes, oldest first.
 func (m *Manager) List(ctx context.Context, tenant string) ([]wire.Sandbox, error) {
 	m.mu.Lock()
 	var ins []*instance
@@ -576,8 +460,8 @@ func (m *Manager) List(ctx context.Context, tenant string) ([]wire.Sandbox, erro
 	out := make([]wire.Sandbox, 0, len(ins))
 	for _, in := range ins {
 		in.mu.Lock()
-		if in.visible() {
-			out = append(out, toWire(in.rec))
+		if in.visibleState() != "" {
+			out = append(out, in.toWire())
 		}
 		in.mu.Unlock()
 	}
@@ -590,20 +474,21 @@ func (m *Manager) List(ctx context.Context, tenant string) ([]wire.Sandbox, erro
 	return out, nil
 }
 
-// Kill destroys the tenant's sandbox. Killing one that is gone is NotFound.
+// Kill destroys the tenant's sandbox, cutting short a pause, snapshot or
+// resume in progress. Killing one that is gone is NotFound.
 func (m *Manager) Kill(ctx context.Context, tenant, id string) error {
 	in, err := m.lookup(tenant, id)
 	if err != nil {
 		return err
 	}
 	in.mu.Lock()
-	ending := in.ending
+	gone := in.phase >= phaseStopping
 	in.mu.Unlock()
-	if ending {
+	if gone {
 		return errdefs.NotFound("sandbox %q not found", id)
 	}
 	m.log.Info("sandbox killed", "id", id)
-	return m.end(ctx, in, wire.StateStopped)
+	return m.end(ctx, in, wire.StateStopped, "it was killed")
 }
 
 func (m *Manager) ttl(seconds int, allowZero bool) (time.Duration, error) {
@@ -617,7 +502,9 @@ func (m *Manager) ttl(seconds int, allowZero bool) (time.Duration, error) {
 	return time.Duration(seconds) * time.Second, nil
 }
 
-// SetTimeout makes the sandbox expire ttlSeconds from now.
+// SetTimeout makes a running sandbox expire ttlSeconds from now. For a
+// paused sandbox it sets the TTL it gets when it resumes; how long it is
+// kept while paused does not change.
 func (m *Manager) SetTimeout(ctx context.Context, tenant, id string, ttlSeconds int) (wire.Sandbox, error) {
 	ttl, err := m.ttl(ttlSeconds, false)
 	if err != nil {
@@ -627,28 +514,59 @@ func (m *Manager) SetTimeout(ctx context.Context, tenant, id string, ttlSeconds 
 	if err != nil {
 		return wire.Sandbox{}, err
 	}
+	// in.mu is held across the store write so that the reaper, which
+	// decides under it, sees either the old expiry or the new one.
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if !in.visible() {
+	if in.visibleState() == "" {
 		return wire.Sandbox{}, errdefs.NotFound("sandbox %q not found", id)
 	}
-	exp := m.now().UTC().Add(ttl)
-	if err := m.store.SetSandboxExpiry(ctx, id, exp); err != nil {
+	exp := in.rec.ExpiresAt
+	if in.visibleState() == wire.StateRunning {
+		exp = m.now().UTC().Add(ttl)
+	}
+	if err := m.store.SetSandboxExpiry(ctx, id, exp, ttlSeconds); err != nil {
 		return wire.Sandbox{}, err
 	}
 	in.rec.ExpiresAt = exp
-	// A resume restarts the TTL with this value too.
 	in.rec.TTLSeconds = ttlSeconds
-	return toWire(in.rec), nil
+	return in.toWire(), nil
 }
 
-func toWire(r store.Sandbox) wire.Sandbox {
+// toWire is the API's view of the sandbox; the caller holds in.mu.
+func (in *instance) toWire() wire.Sandbox {
+	r := in.rec
 	md := make(map[string]string, len(r.Metadata))
 	for k, v := range r.Metadata {
 		md[k] = v
 	}
 	return wire.Sandbox{
-		ID: r.ID, Template: r.Template, State: r.State, CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt,
+		ID: r.ID, Template: r.Template, State: in.visibleState(), CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt,
 		Metadata: md, CPU: r.CPU, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB, Pids: r.Pids, OnTimeout: r.OnTimeout, PausedBytes: r.PausedBytes,
 	}
 }
+
+// errGone is the error for a sandbox that ended while the caller waited.
+func errGone(in *instance) error {
+	return errdefs.NotFound("sandbox %q not found", in.id)
+}
+
+// describeEnd turns an end reason into the error a command in flight gets.
+func (in *instance) sessionEndedError() error {
+	in.mu.Lock()
+	reason := in.endReason
+	in.mu.Unlock()
+	if reason == "" {
+		reason = "its agent session ended"
+	}
+	return errdefs.Conflict("sandbox %q: the command's stream ended because %s", in.id, reason)
+}
+
+// withTimeout is context.WithTimeout on a context that outlives the
+// client's request: operations that must finish or be undone as a whole
+// (a checkpoint, a restore) are never cut off by a client hanging up.
+func withTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), d)
+}
+
+var _ = fmt.Sprintf

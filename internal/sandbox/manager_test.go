@@ -71,8 +71,11 @@ func (u *untouchable) ListSandboxes(context.Context, string, ...string) ([]store
 func (u *untouchable) SetSandboxState(context.Context, string, string, bool) error {
 	return u.record("store.SetSandboxState")
 }
-func (u *untouchable) SetSandboxExpiry(context.Context, string, time.Time) error {
+func (u *untouchable) SetSandboxExpiry(context.Context, string, time.Time, int) error {
 	return u.record("store.SetSandboxExpiry")
+}
+func (u *untouchable) StoredBytes(context.Context, string) (int64, error) {
+	return 0, u.record("store.StoredBytes")
 }
 func (u *untouchable) PruneEnded(context.Context, time.Time) (int64, error) {
 	return 0, u.record("store.PruneEnded")
@@ -144,10 +147,20 @@ func TestExecRequest(t *testing.T) {
 		{
 			name: "huge timeout", req: wire.ExecRequest{Cmd: "x", TimeoutSeconds: 1e300}, wantErr: true,
 		},
+		// What can never run: one argument over Linux's 128 KiB, an
+		// environment over 256 KiB, a cwd with NUL (issue 7, D15/D16).
+		{name: "cmd of 300,000 bytes", req: wire.ExecRequest{Cmd: strings.Repeat("x", 300_000)}, wantErr: true},
+		{name: "cmd of 128 KiB less a byte", req: wire.ExecRequest{Cmd: strings.Repeat("x", 128<<10-1)}, wantArgv: []string{"/bin/sh", "-c", strings.Repeat("x", 128<<10-1)}, wantMS: defMS},
+		{name: "argv element over 128 KiB", req: wire.ExecRequest{Argv: []string{"echo", strings.Repeat("x", 128<<10)}}, wantErr: true},
+		{name: "argv over 512 KiB in all", req: wire.ExecRequest{Argv: slices.Repeat([]string{strings.Repeat("x", 100<<10)}, 6)}, wantErr: true},
+		{name: "env value of 200,000 <", req: wire.ExecRequest{Cmd: "env", Env: map[string]string{"A": strings.Repeat("<", 200_000)}}, wantErr: true},
+		{name: "env over 256 KiB in all", req: wire.ExecRequest{Cmd: "env", Env: map[string]string{"A": strings.Repeat("a", 100<<10), "B": strings.Repeat("b", 100<<10), "C": strings.Repeat("c", 100<<10)}}, wantErr: true},
+		{name: "NUL in cwd", req: wire.ExecRequest{Cmd: "pwd", Cwd: "/tmp\x00x"}, wantErr: true},
+		{name: "cwd over 4096 bytes", req: wire.ExecRequest{Cmd: "pwd", Cwd: "/" + strings.Repeat("a", 4096)}, wantErr: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := m.execRequest(tt.req)
+			got, _, err := m.execRequest(tt.req)
 			if tt.wantErr {
 				if !errors.Is(err, errdefs.ErrInvalid) {
 					t.Fatalf("got %+v, %v, want ErrInvalid", got, err)
@@ -279,6 +292,9 @@ func TestCreateValidation(t *testing.T) {
 		{name: "env name with a space", req: wire.CreateSandboxRequest{Env: map[string]string{"A B": "1"}}, wantErr: errdefs.ErrInvalid},
 		{name: "empty env name", req: wire.CreateSandboxRequest{Env: map[string]string{"": "1"}}, wantErr: errdefs.ErrInvalid},
 		{name: "NUL in env value", req: wire.CreateSandboxRequest{Env: map[string]string{"A": "\x00"}}, wantErr: errdefs.ErrInvalid},
+		// Accepted before, then every exec failed (issue 7, D15).
+		{name: "env value of 200,000 <", req: wire.CreateSandboxRequest{Env: map[string]string{"A": strings.Repeat("<", 200_000)}}, wantErr: errdefs.ErrInvalid},
+		{name: "env of 100 KiB", req: wire.CreateSandboxRequest{Env: map[string]string{"A": strings.Repeat("<", 100<<10)}}, wantErr: passed},
 
 		{name: "64 metadata keys", req: wire.CreateSandboxRequest{Metadata: metadata(64, 8, 8)}, wantErr: passed},
 		{name: "65 metadata keys", req: wire.CreateSandboxRequest{Metadata: metadata(65, 8, 8)}, wantErr: errdefs.ErrInvalid},

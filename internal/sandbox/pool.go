@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -25,11 +26,11 @@ const templateImageRetry = time.Minute
 // template's content and the agent's, so a rebuilt template or a new agent
 // gets a new image.
 func (m *Manager) templateImage(ctx context.Context, tpl template.Template) (string, error) {
-	agentPath, err := m.agentIn(tpl)
+	agentName, err := m.agentName()
 	if err != nil {
 		return "", err
 	}
-	key := tpl.Name + "-" + tpl.Hash + "-" + strings.TrimPrefix(filepath.Base(agentPath), "agent-")
+	key := tpl.Name + "-" + tpl.Hash + "-" + strings.TrimPrefix(agentName, "agent-") + "-l" + strconv.Itoa(layoutAgentMount)
 	dir := filepath.Join(m.stateDir, "template-images", key)
 	if _, err := os.Stat(filepath.Join(dir, "ready")); err == nil {
 		return dir, nil
@@ -84,16 +85,10 @@ func (m *Manager) makeTemplateImage(ctx context.Context, tpl template.Template, 
 			return fmt.Errorf("warming template %q: exit %d, %v: %s", tpl.Name, ex.ExitCode, err, out.String())
 		}
 	}
-	tmp := dir + ".saving"
-	if err := m.checkpointTo(ctx, id, tmp, false); err != nil {
+	if err := m.checkpointTo(ctx, id, dir, false); err != nil {
 		return fmt.Errorf("checkpointing template %q: %w", tpl.Name, err)
 	}
-	if err := os.WriteFile(filepath.Join(tmp, "ready"), nil, 0o600); err != nil {
-		os.RemoveAll(tmp)
-		return err
-	}
-	os.RemoveAll(dir)
-	return os.Rename(tmp, dir)
+	return os.WriteFile(filepath.Join(dir, "ready"), nil, 0o600)
 }
 
 // pooledRecord is the record of a sandbox made ahead of any request: the
@@ -104,8 +99,22 @@ func (m *Manager) pooledRecord(id, tpl string) store.Sandbox {
 		ID: id, Template: tpl, State: wire.StateCreating, CreatedAt: now, ExpiresAt: now,
 		CPU: m.cfg.DefaultCPU, MemoryMB: m.cfg.DefaultMemoryMB, DiskMB: m.cfg.DiskMB, Pids: m.cfg.Pids,
 		Env: map[string]string{}, Metadata: map[string]string{},
-		OnTimeout: wire.OnTimeoutKill,
+		OnTimeout: wire.OnTimeoutKill, Layout: layoutAgentMount,
 	}
+}
+
+// PoolHits returns how many creates were served from the warm pool.
+func (m *Manager) PoolHits() int {
+	m.poolMu.Lock()
+	defer m.poolMu.Unlock()
+	return m.poolHits
+}
+
+// poolLen returns how many warm sandboxes of the template are ready.
+func (m *Manager) poolLen(tpl string) int {
+	m.poolMu.Lock()
+	defer m.poolMu.Unlock()
+	return len(m.pool[tpl])
 }
 
 // pooled is a running sandbox waiting in the warm pool.

@@ -70,53 +70,102 @@ func randomID(prefix string) string {
 	return prefix + hex.EncodeToString(b)
 }
 
-// checkpointTo saves the running sandbox id into a new directory dir; on
-// error nothing of dir is left.
-func (m *Manager) checkpointTo(ctx context.Context, id, dir string, leaveRunning bool) error {
+// checkpointTo saves the running sandbox id as the image directory dest.
+// The image is written in the tmp directory and renamed into place once
+// complete, so dest either does not exist or holds a whole image, even
+// across a crash. On error nothing is left.
+func (m *Manager) checkpointTo(ctx context.Context, id, dest string, leaveRunning bool) error {
 	cp, err := m.checkpointer()
 	if err != nil {
 		return err
 	}
-	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("clearing checkpoint directory: %w", err)
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	tmp := filepath.Join(m.tmpDir(), randomID("ckpt-"))
+	if err := os.MkdirAll(tmp, 0o700); err != nil {
 		return fmt.Errorf("creating checkpoint directory: %w", err)
 	}
-	if err := cp.Checkpoint(ctx, id, dir, leaveRunning); err != nil {
-		os.RemoveAll(dir)
-		return errdefs.Unavailable("saving sandbox %s: %v", id, err)
+	if err := cp.Checkpoint(ctx, id, tmp, leaveRunning); err != nil {
+		os.RemoveAll(tmp)
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(dest), 0o700); err != nil {
+		os.RemoveAll(tmp)
+		return fmt.Errorf("creating image directory: %w", err)
+	}
+	_ = os.RemoveAll(dest)
+	if err := os.Rename(tmp, dest); err != nil {
+		os.RemoveAll(tmp)
+		return fmt.Errorf("publishing checkpoint image: %w", err)
 	}
 	return nil
 }
 
+// checkpointLocked saves the sandbox, which the caller holds (in.op) and
+// which is running, to dest, leaving it running. Kill can cut it short.
+func (m *Manager) checkpointLocked(ctx context.Context, in *instance, dest, what string) error {
+	opCtx, cancel := withTimeout(ctx, m.cfg.CheckpointTimeout)
+	defer cancel()
+	in.mu.Lock()
+	in.cancelOp = cancel
+	in.mu.Unlock()
+	defer func() {
+		in.mu.Lock()
+		in.cancelOp = nil
+		in.mu.Unlock()
+	}()
+	if err := m.checkpointTo(opCtx, in.id, dest, true); err != nil {
+		return checkpointError(err, what)
+	}
+	return nil
+}
+
+// snapshotTTL validates a snapshot's requested life.
+func (m *Manager) snapshotTTL(seconds int) (time.Duration, error) {
+	if seconds == 0 {
+		return m.cfg.SnapshotTTL, nil
+	}
+	if maxS := int(m.cfg.SnapshotTTL / time.Second); seconds < 1 || seconds > maxS {
+		return 0, errdefs.Invalid("ttl_seconds of a snapshot must be between 1 and %d, got %d", maxS, seconds)
+	}
+	return time.Duration(seconds) * time.Second, nil
+}
+
 // Snapshot saves the tenant's sandbox (resuming it first if paused) without
-// stopping it.
-func (m *Manager) Snapshot(ctx context.Context, tenant, id string) (wire.Snapshot, error) {
+// stopping it. The snapshot is kept for req.TTLSeconds (the server's
+// snapshot TTL when zero). It completes even if the client hangs up.
+func (m *Manager) Snapshot(ctx context.Context, tenant, id string, req wire.SnapshotRequest) (wire.Snapshot, error) {
+	ttl, err := m.snapshotTTL(req.TTLSeconds)
+	if err != nil {
+		return wire.Snapshot{}, err
+	}
 	in, err := m.lookup(tenant, id)
 	if err != nil {
 		return wire.Snapshot{}, err
 	}
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	if err := m.ensureRunning(ctx, in); err != nil {
+	if err := in.op.lock(ctx); err != nil {
 		return wire.Snapshot{}, err
 	}
+	defer in.op.unlock()
+	if err := m.ensureRunningLocked(ctx, in); err != nil {
+		return wire.Snapshot{}, err
+	}
+	if err := m.checkStored(ctx, tenant, m.imageEstimate(ctx, in), "take a snapshot"); err != nil {
+		return wire.Snapshot{}, err
+	}
+	now := m.now().UTC()
+	in.mu.Lock()
+	r := in.rec
+	in.mu.Unlock()
 	sn := store.Snapshot{
-		ID: randomID("snap-"), Tenant: tenant, SourceSandbox: id, Template: in.rec.Template,
-		CreatedAt: m.now().UTC(), Env: in.rec.Env, CPU: in.rec.CPU, MemoryMB: in.rec.MemoryMB,
+		ID: randomID("snap-"), Tenant: tenant, SourceSandbox: id, Template: r.Template,
+		CreatedAt: now, ExpiresAt: now.Add(ttl), Env: r.Env, CPU: r.CPU, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB, Pids: r.Pids,
+		Layout: r.Layout,
 	}
 	dir := m.snapshotDir(sn.ID)
-	tmp := dir + ".saving"
-	if err := m.checkpointTo(ctx, in.id, tmp, true); err != nil {
+	if err := m.checkpointLocked(ctx, in, dir, "take a snapshot"); err != nil {
 		return wire.Snapshot{}, err
 	}
-	if err := os.Rename(tmp, dir); err != nil {
-		os.RemoveAll(tmp)
-		return wire.Snapshot{}, fmt.Errorf("publishing snapshot: %w", err)
-	}
 	sn.SizeBytes = dirSize(dir)
-	if err := m.store.CreateSnapshot(ctx, sn); err != nil {
+	if err := m.store.CreateSnapshot(context.WithoutCancel(ctx), sn); err != nil {
 		os.RemoveAll(dir)
 		return wire.Snapshot{}, err
 	}
@@ -176,7 +225,8 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, tenant, id string) error {
 
 // Fork creates req.Count sandboxes that continue from the tenant's sandbox
 // as it is now; the sandbox itself keeps running. Either every fork is
-// created or none is.
+// created or none is: a failed restore, or a client that hangs up before the
+// answer, undoes the forks made so far.
 func (m *Manager) Fork(ctx context.Context, tenant, id string, req wire.ForkRequest) ([]wire.Sandbox, error) {
 	count := req.Count
 	if count == 0 {
@@ -189,15 +239,23 @@ func (m *Manager) Fork(ctx context.Context, tenant, id string, req wire.ForkRequ
 	if err != nil {
 		return nil, err
 	}
-	in.mu.Lock()
-	if err := m.ensureRunning(ctx, in); err != nil {
-		in.mu.Unlock()
+	if err := in.op.lock(ctx); err != nil {
 		return nil, err
 	}
+	if err := m.ensureRunningLocked(ctx, in); err != nil {
+		in.op.unlock()
+		return nil, err
+	}
+	if err := m.disk.check(m.imageEstimate(ctx, in), "fork the sandbox"); err != nil {
+		in.op.unlock()
+		return nil, err
+	}
+	in.mu.Lock()
 	r := in.rec
-	image := filepath.Join(m.stateDir, "snapshots", randomID(".fork-"))
-	err = m.checkpointTo(ctx, in.id, image, true)
 	in.mu.Unlock()
+	image := filepath.Join(m.tmpDir(), randomID("fork-"))
+	err = m.checkpointLocked(ctx, in, image, "fork the sandbox")
+	in.op.unlock()
 	if err != nil {
 		return nil, err
 	}
@@ -213,13 +271,21 @@ func (m *Manager) Fork(ctx context.Context, tenant, id string, req wire.ForkRequ
 	if err != nil {
 		return nil, err
 	}
+	p.layout = r.Layout
 	out := make([]wire.Sandbox, 0, count)
+	undo := func() {
+		for _, done := range out {
+			_ = m.Kill(context.WithoutCancel(ctx), tenant, done.ID)
+		}
+	}
 	for range count {
 		sb, err := m.launch(ctx, tenant, p, image)
+		if err == nil && ctx.Err() != nil {
+			out = append(out, sb)
+			err = fmt.Errorf("forking: the client went away: %w", ctx.Err())
+		}
 		if err != nil {
-			for _, done := range out {
-				_ = m.Kill(context.WithoutCancel(ctx), tenant, done.ID)
-			}
+			undo()
 			return nil, err
 		}
 		out = append(out, sb)
@@ -228,123 +294,10 @@ func (m *Manager) Fork(ctx context.Context, tenant, id string, req wire.ForkRequ
 	return out, nil
 }
 
-// Pause saves the tenant's sandbox to disk and stops it: no process or
-// memory of it remains. Pausing a paused sandbox does nothing.
-func (m *Manager) Pause(ctx context.Context, tenant, id string) (wire.Sandbox, error) {
-	in, err := m.lookup(tenant, id)
-	if err != nil {
-		return wire.Sandbox{}, err
-	}
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	if in.ending {
-		return wire.Sandbox{}, errdefs.NotFound("sandbox %q not found", id)
-	}
-	if err := m.pauseLocked(ctx, in); err != nil {
-		return wire.Sandbox{}, err
-	}
-	return toWire(in.rec), nil
-}
-
-// Resume brings the tenant's paused sandbox back; resuming a running one
-// does nothing.
-func (m *Manager) Resume(ctx context.Context, tenant, id string) (wire.Sandbox, error) {
-	in, err := m.lookup(tenant, id)
-	if err != nil {
-		return wire.Sandbox{}, err
-	}
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	if err := m.ensureRunning(ctx, in); err != nil {
-		return wire.Sandbox{}, err
-	}
-	return toWire(in.rec), nil
-}
-
-// pauseLocked pauses a running sandbox; the caller holds in.mu.
-func (m *Manager) pauseLocked(ctx context.Context, in *instance) error {
-	if in.rec.State == wire.StatePaused {
-		return nil
-	}
-	if in.rec.State != wire.StateRunning {
-		return errdefs.Conflict("sandbox %q is %s", in.id, in.rec.State)
-	}
-	dir := m.pausedDir(in.id)
-	if err := m.checkpointTo(ctx, in.id, dir, false); err != nil {
-		return err
-	}
-	// Drop the client first: the watch then knows the session's end is
-	// ours, not a death.
-	client := in.client
-	in.client = nil
-	client.Close()
-	if err := m.rt.Delete(context.WithoutCancel(ctx), in.id); err != nil {
-		m.log.Error("removing paused sandbox's runtime state", "id", in.id, "err", err)
-	}
-	size := dirSize(dir)
-	if err := m.store.SetSandboxPaused(context.WithoutCancel(ctx), in.id, true, size, in.rec.ExpiresAt); err != nil {
-		return err
-	}
-	in.rec.State = wire.StatePaused
-	in.rec.PausedBytes = size
-	m.mu.Lock()
-	m.paused++
-	m.mu.Unlock()
-	m.log.Info("sandbox paused", "id", in.id, "bytes", size)
-	return nil
-}
-
-// ensureRunning resumes a paused sandbox; the caller holds in.mu.
-func (m *Manager) ensureRunning(ctx context.Context, in *instance) error {
-	if in.ending {
-		return errdefs.NotFound("sandbox %q not found", in.id)
-	}
-	switch in.rec.State {
-	case wire.StateRunning:
-		return nil
-	case wire.StatePaused:
-	default:
-		return errdefs.Conflict("sandbox %q is %s", in.id, in.rec.State)
-	}
-	m.mu.Lock()
-	full := len(m.live)-m.paused >= m.cfg.MaxSandboxes
-	m.mu.Unlock()
-	if full {
-		return errdefs.New(errdefs.ErrQuota, "server is at its limit of %d running sandboxes; sandbox %q stays paused", m.cfg.MaxSandboxes, in.id)
-	}
-	spec, err := m.spec(in.rec)
-	if err != nil {
-		return err
-	}
-	dir := m.pausedDir(in.id)
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.StartTimeout)
-	defer cancel()
-	// On failure the saved state stays, and the sandbox stays paused.
-	client, err := m.boot(cctx, spec, dir)
-	if err != nil {
-		return err
-	}
-	exp := m.now().UTC().Add(time.Duration(in.rec.TTLSeconds) * time.Second)
-	if err := m.store.SetSandboxPaused(cctx, in.id, false, 0, exp); err != nil {
-		client.Close()
-		_ = m.rt.Delete(cctx, in.id)
-		return err
-	}
-	in.client = client
-	in.rec.State = wire.StateRunning
-	in.rec.PausedBytes = 0
-	in.rec.ExpiresAt = exp
-	m.mu.Lock()
-	m.paused--
-	m.mu.Unlock()
-	go m.watch(in, client)
-	if err := os.RemoveAll(dir); err != nil {
-		m.log.Error("removing resumed sandbox's saved state", "id", in.id, "err", err)
-	}
-	m.log.Info("sandbox resumed", "id", in.id)
-	return nil
-}
-
 func snapshotToWire(sn store.Snapshot) wire.Snapshot {
-	return wire.Snapshot{ID: sn.ID, SourceSandbox: sn.SourceSandbox, Template: sn.Template, SizeBytes: sn.SizeBytes, CreatedAt: sn.CreatedAt}
+	return wire.Snapshot{
+		ID: sn.ID, SourceSandbox: sn.SourceSandbox, Template: sn.Template, SizeBytes: sn.SizeBytes,
+		CreatedAt: sn.CreatedAt, ExpiresAt: sn.ExpiresAt,
+		CPU: sn.CPU, MemoryMB: sn.MemoryMB, DiskMB: sn.DiskMB, Pids: sn.Pids,
+	}
 }

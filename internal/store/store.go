@@ -19,6 +19,31 @@ import (
 // Store is safe for concurrent use.
 type Store struct {
 	db *sql.DB
+	// onFull, when set, is called when a write finds the disk full; if it
+	// reports that it freed space, the write is tried once more.
+	onFull func() bool
+}
+
+// OnFull sets what a write that finds the disk full calls (the data
+// disk's reserve); call it before using the store.
+func (s *Store) OnFull(fn func() bool) { s.onFull = fn }
+
+// isFull reports whether err is SQLite's "database or disk is full".
+func isFull(err error) bool {
+	return err != nil && (strings.Contains(err.Error(), "database or disk is full") || strings.Contains(err.Error(), "SQLITE_FULL"))
+}
+
+// exec runs a write. A full disk is a kind the API answers 507 to; with
+// OnFull set, space is freed and the write tried once more.
+func (s *Store) exec(ctx context.Context, q string, args ...any) (sql.Result, error) {
+	res, err := s.db.ExecContext(ctx, q, args...)
+	if isFull(err) && s.onFull != nil && s.onFull() {
+		res, err = s.db.ExecContext(ctx, q, args...)
+	}
+	if isFull(err) {
+		return nil, errdefs.Wrap(errdefs.ErrInsufficientStorage, err, "the server's disk is full")
+	}
+	return res, err
 }
 
 // migrations bring a database from user_version i to i+1. Append only.
@@ -67,6 +92,18 @@ CREATE INDEX snapshots_tenant ON snapshots(tenant);
 	`
 ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sandboxes ADD COLUMN pids INTEGER NOT NULL DEFAULT 0;
+`,
+	// 4: snapshots keep every limit they fix, and expire.
+	`
+ALTER TABLE snapshots ADD COLUMN disk_mb INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE snapshots ADD COLUMN pids INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE snapshots ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 0;
+`,
+	// 5: the sandbox layout (1: agent inside the template; 2: agent on a
+	// read-only mount), which restores must keep.
+	`
+ALTER TABLE sandboxes ADD COLUMN layout INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE snapshots ADD COLUMN layout INTEGER NOT NULL DEFAULT 1;
 `,
 }
 
@@ -143,9 +180,12 @@ type Sandbox struct {
 	// DiskMB and Pids are the sandbox's disk and process limits; 0 in
 	// records older than these columns (the server default then).
 	DiskMB, Pids int
+	// Layout is how the sandbox's file system is put together; a restore
+	// of its image must use the same. 1 in records older than the column.
+	Layout int
 }
 
-const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb, env, on_timeout, ttl_seconds, paused_bytes, disk_mb, pids`
+const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb, env, on_timeout, ttl_seconds, paused_bytes, disk_mb, pids, layout`
 
 // CreateSandbox inserts a new record.
 func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
@@ -160,9 +200,12 @@ func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
 	if sb.OnTimeout == "" {
 		sb.OnTimeout = "kill"
 	}
-	_, err = s.db.ExecContext(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	if sb.Layout == 0 {
+		sb.Layout = 1
+	}
+	_, err = s.exec(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		sb.ID, sb.Tenant, sb.Template, sb.State, sb.CreatedAt.UnixNano(), sb.ExpiresAt.UnixNano(), string(md), sb.CPU, sb.MemoryMB,
-		string(env), sb.OnTimeout, sb.TTLSeconds, sb.PausedBytes, sb.DiskMB, sb.Pids)
+		string(env), sb.OnTimeout, sb.TTLSeconds, sb.PausedBytes, sb.DiskMB, sb.Pids, sb.Layout)
 	if err != nil {
 		return fmt.Errorf("inserting sandbox %s: %w", sb.ID, err)
 	}
@@ -174,7 +217,7 @@ func scanSandbox(row interface{ Scan(...any) error }) (Sandbox, error) {
 	var created, expires int64
 	var md, env string
 	if err := row.Scan(&sb.ID, &sb.Tenant, &sb.Template, &sb.State, &created, &expires, &md, &sb.CPU, &sb.MemoryMB,
-		&env, &sb.OnTimeout, &sb.TTLSeconds, &sb.PausedBytes, &sb.DiskMB, &sb.Pids); err != nil {
+		&env, &sb.OnTimeout, &sb.TTLSeconds, &sb.PausedBytes, &sb.DiskMB, &sb.Pids, &sb.Layout); err != nil {
 		return Sandbox{}, err
 	}
 	if err := json.Unmarshal([]byte(env), &sb.Env); err != nil {
@@ -238,16 +281,16 @@ func (s *Store) SetSandboxState(ctx context.Context, id, state string, ended boo
 	if ended {
 		endedAt = time.Now().UnixNano()
 	}
-	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET state = ?, ended_at = COALESCE(?, ended_at) WHERE id = ?`, state, endedAt, id)
+	res, err := s.exec(ctx, `UPDATE sandboxes SET state = ?, ended_at = COALESCE(?, ended_at) WHERE id = ?`, state, endedAt, id)
 	if err != nil {
 		return fmt.Errorf("updating state of sandbox %s: %w", id, err)
 	}
 	return mustAffect(res, id)
 }
 
-// SetSandboxExpiry records a new expiry time.
-func (s *Store) SetSandboxExpiry(ctx context.Context, id string, expires time.Time) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET expires_at = ? WHERE id = ?`, expires.UnixNano(), id)
+// SetSandboxExpiry records a new expiry time and the TTL a resume restarts.
+func (s *Store) SetSandboxExpiry(ctx context.Context, id string, expires time.Time, ttlSeconds int) error {
+	res, err := s.exec(ctx, `UPDATE sandboxes SET expires_at = ?, ttl_seconds = ? WHERE id = ?`, expires.UnixNano(), ttlSeconds, id)
 	if err != nil {
 		return fmt.Errorf("updating expiry of sandbox %s: %w", id, err)
 	}
@@ -261,7 +304,7 @@ func (s *Store) SetSandboxPaused(ctx context.Context, id string, paused bool, by
 	if paused {
 		state = "paused"
 	}
-	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET state = ?, paused_bytes = ?, expires_at = ? WHERE id = ?`,
+	res, err := s.exec(ctx, `UPDATE sandboxes SET state = ?, paused_bytes = ?, expires_at = ? WHERE id = ?`,
 		state, bytes, expires.UnixNano(), id)
 	if err != nil {
 		return fmt.Errorf("recording pause state of sandbox %s: %w", id, err)
@@ -271,7 +314,7 @@ func (s *Store) SetSandboxPaused(ctx context.Context, id string, paused bool, by
 
 // PruneEnded deletes records of sandboxes that ended before t.
 func (s *Store) PruneEnded(ctx context.Context, before time.Time) (int64, error) {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM sandboxes WHERE ended_at IS NOT NULL AND ended_at < ?`, before.UnixNano())
+	res, err := s.exec(ctx, `DELETE FROM sandboxes WHERE ended_at IS NOT NULL AND ended_at < ?`, before.UnixNano())
 	if err != nil {
 		return 0, fmt.Errorf("pruning ended sandboxes: %w", err)
 	}
@@ -291,7 +334,7 @@ func mustAffect(res sql.Result, id string) error {
 
 // AddAPIKey stores the hash of a new key for tenant.
 func (s *Store) AddAPIKey(ctx context.Context, hash, tenant string) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO api_keys (hash, tenant, created_at) VALUES (?,?,?)`, hash, tenant, time.Now().UnixNano())
+	_, err := s.exec(ctx, `INSERT INTO api_keys (hash, tenant, created_at) VALUES (?,?,?)`, hash, tenant, time.Now().UnixNano())
 	if err != nil {
 		return fmt.Errorf("storing api key: %w", err)
 	}
@@ -328,14 +371,21 @@ type Snapshot struct {
 	Template      string
 	SizeBytes     int64
 	CreatedAt     time.Time
-	// Env, CPU and MemoryMB are the source sandbox's, for sandboxes
-	// created from the snapshot.
-	Env      map[string]string
-	CPU      float64
-	MemoryMB int
+	// ExpiresAt is when the snapshot is deleted; zero in records older
+	// than expiry (they are kept).
+	ExpiresAt time.Time
+	// Env and the limits are the source sandbox's, for sandboxes created
+	// from the snapshot. DiskMB and Pids are 0 in records older than these
+	// columns (the server default then).
+	Env          map[string]string
+	CPU          float64
+	MemoryMB     int
+	DiskMB, Pids int
+	// Layout is the source sandbox's (see Sandbox.Layout).
+	Layout int
 }
 
-const snapshotCols = `id, tenant, source_sandbox, template, size_bytes, created_at, env, cpu, memory_mb`
+const snapshotCols = `id, tenant, source_sandbox, template, size_bytes, created_at, env, cpu, memory_mb, disk_mb, pids, expires_at, layout`
 
 // CreateSnapshot inserts a snapshot record.
 func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
@@ -343,8 +393,16 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
 	if err != nil {
 		return fmt.Errorf("encoding env: %w", err)
 	}
-	_, err = s.db.ExecContext(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (?,?,?,?,?,?,?,?,?)`,
-		sn.ID, sn.Tenant, sn.SourceSandbox, sn.Template, sn.SizeBytes, sn.CreatedAt.UnixNano(), string(env), sn.CPU, sn.MemoryMB)
+	var expires int64
+	if !sn.ExpiresAt.IsZero() {
+		expires = sn.ExpiresAt.UnixNano()
+	}
+	if sn.Layout == 0 {
+		sn.Layout = 1
+	}
+	_, err = s.exec(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+		sn.ID, sn.Tenant, sn.SourceSandbox, sn.Template, sn.SizeBytes, sn.CreatedAt.UnixNano(), string(env), sn.CPU, sn.MemoryMB,
+		sn.DiskMB, sn.Pids, expires, sn.Layout)
 	if err != nil {
 		return fmt.Errorf("inserting snapshot %s: %w", sn.ID, err)
 	}
@@ -353,12 +411,16 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
 
 func scanSnapshot(row interface{ Scan(...any) error }) (Snapshot, error) {
 	var sn Snapshot
-	var created int64
+	var created, expires int64
 	var env string
-	if err := row.Scan(&sn.ID, &sn.Tenant, &sn.SourceSandbox, &sn.Template, &sn.SizeBytes, &created, &env, &sn.CPU, &sn.MemoryMB); err != nil {
+	if err := row.Scan(&sn.ID, &sn.Tenant, &sn.SourceSandbox, &sn.Template, &sn.SizeBytes, &created, &env, &sn.CPU, &sn.MemoryMB,
+		&sn.DiskMB, &sn.Pids, &expires, &sn.Layout); err != nil {
 		return Snapshot{}, err
 	}
 	sn.CreatedAt = time.Unix(0, created).UTC()
+	if expires != 0 {
+		sn.ExpiresAt = time.Unix(0, expires).UTC()
+	}
 	if err := json.Unmarshal([]byte(env), &sn.Env); err != nil {
 		return Snapshot{}, fmt.Errorf("decoding env of %s: %w", sn.ID, err)
 	}
@@ -398,7 +460,7 @@ func (s *Store) ListSnapshots(ctx context.Context, tenant string) ([]Snapshot, e
 
 // DeleteSnapshot removes the tenant's snapshot record.
 func (s *Store) DeleteSnapshot(ctx context.Context, tenant, id string) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM snapshots WHERE id = ? AND tenant = ?`, id, tenant)
+	res, err := s.exec(ctx, `DELETE FROM snapshots WHERE id = ? AND tenant = ?`, id, tenant)
 	if err != nil {
 		return fmt.Errorf("deleting snapshot %s: %w", id, err)
 	}
@@ -406,4 +468,17 @@ func (s *Store) DeleteSnapshot(ctx context.Context, tenant, id string) error {
 		return errdefs.NotFound("snapshot %q not found", id)
 	}
 	return nil
+}
+
+// StoredBytes is what the tenant keeps on disk: its snapshots and the saved
+// state of its paused sandboxes.
+func (s *Store) StoredBytes(ctx context.Context, tenant string) (int64, error) {
+	var n int64
+	err := s.db.QueryRowContext(ctx, `SELECT
+		COALESCE((SELECT SUM(size_bytes) FROM snapshots WHERE tenant = ?), 0) +
+		COALESCE((SELECT SUM(paused_bytes) FROM sandboxes WHERE tenant = ? AND state = 'paused'), 0)`, tenant, tenant).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("summing stored bytes of tenant %s: %w", tenant, err)
+	}
+	return n, nil
 }

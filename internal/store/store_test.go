@@ -41,7 +41,7 @@ func TestSandboxLifecycle(t *testing.T) {
 	if _, err := s.GetSandbox(ctx, "t2", "sb-1"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("other tenant: got %v, want ErrNotFound", err)
 	}
-	if err := s.SetSandboxExpiry(ctx, "sb-1", now.Add(time.Hour)); err != nil {
+	if err := s.SetSandboxExpiry(ctx, "sb-1", now.Add(time.Hour), 60); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.SetSandboxState(ctx, "sb-1", "stopped", true); err != nil {

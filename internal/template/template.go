@@ -206,8 +206,21 @@ func (s *Store) build(ctx context.Context, d Definition) error {
 // InstallAgent copies the agent binary into the template's root filesystem
 // under a name derived from its content, and returns its path inside the
 // sandbox. Files already there are never modified, so running sandboxes
-// keep the agent they started with.
+// keep the agent they started with. It serves sandboxes of the first layout
+// only; newer ones get the agent from a read-only mount (InstallAgentIn).
 func InstallAgent(t Template, agentBin string) (string, error) {
+	name, err := InstallAgentIn(filepath.Join(t.Rootfs, ".pandastack"), agentBin)
+	if err != nil {
+		return "", err
+	}
+	return "/.pandastack/" + name, nil
+}
+
+// InstallAgentIn copies the agent binary into dir under a name derived from
+// its content ("agent-" and a hash prefix), unless it is there already, and
+// returns that name. A file once there is never modified: sandboxes and
+// checkpoint images keep using the agent they started with.
+func InstallAgentIn(dir, agentBin string) (string, error) {
 	f, err := os.Open(agentBin)
 	if err != nil {
 		return "", fmt.Errorf("opening agent binary: %w", err)
@@ -218,18 +231,17 @@ func InstallAgent(t Template, agentBin string) (string, error) {
 		return "", fmt.Errorf("hashing agent binary: %w", err)
 	}
 	name := "agent-" + hex.EncodeToString(h.Sum(nil))[:12]
-	inSandbox := "/.pandastack/" + name
-	dst := filepath.Join(t.Rootfs, ".pandastack", name)
+	dst := filepath.Join(dir, name)
 	if _, err := os.Stat(dst); err == nil {
-		return inSandbox, nil
+		return name, nil
 	}
-	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("creating agent directory: %w", err)
 	}
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return "", fmt.Errorf("rewinding agent binary: %w", err)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(dst), ".agent-*")
+	tmp, err := os.CreateTemp(dir, ".agent-*")
 	if err != nil {
 		return "", fmt.Errorf("creating agent copy: %w", err)
 	}
@@ -248,5 +260,5 @@ func InstallAgent(t Template, agentBin string) (string, error) {
 	if err := os.Rename(tmp.Name(), dst); err != nil {
 		return "", fmt.Errorf("installing agent binary: %w", err)
 	}
-	return inSandbox, nil
+	return name, nil
 }

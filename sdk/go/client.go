@@ -304,6 +304,10 @@ func (c *Client) responseError(resp *http.Response) error {
 			e.Message += ": " + excerpt
 		}
 	}
+	e.RequestID = er.Error.RequestID
+	if e.RequestID == "" {
+		e.RequestID = resp.Header.Get("X-Request-Id")
+	}
 	if resp.StatusCode == http.StatusUnauthorized && c.keyHint != "" {
 		e.Message += "; " + c.keyHint
 	}

@@ -811,6 +811,25 @@ func TestErrorMapping(t *testing.T) {
 			wantKind: ErrInternal, wantCode: "internal", wantInMsg: "500 Internal Server Error",
 		},
 		{
+			name: "JSON insufficient storage", status: 507, contentType: "application/json",
+			body:     `{"error":{"code":"insufficient_storage","message":"no disk space left for the snapshot","request_id":"0123456789abcdef"}}`,
+			wantKind: ErrInsufficientStorage, wantCode: "insufficient_storage", wantInMsg: "no disk space left",
+		},
+		{
+			name: "JSON timeout", status: 504, contentType: "application/json",
+			body:     `{"error":{"code":"timeout","message":"the sandbox did not answer in time","request_id":"0123456789abcdef"}}`,
+			wantKind: ErrTimeout, wantCode: "timeout", wantInMsg: "did not answer in time",
+		},
+		{
+			name: "proxy 504 page", status: 504, contentType: "text/html",
+			body:     "<html><h1>504 Gateway Time-out</h1></html>",
+			wantKind: ErrTimeout, wantCode: "timeout", wantInMsg: "504 Gateway Time-out",
+		},
+		{
+			name: "empty 507", status: 507,
+			wantKind: ErrInsufficientStorage, wantCode: "insufficient_storage", wantInMsg: "507 Insufficient Storage",
+		},
+		{
 			name: "JSON without the error envelope", status: 418, contentType: "application/json",
 			body:      `{"message":"teapot"}`,
 			wantInMsg: "teapot",
@@ -838,7 +857,7 @@ func TestErrorMapping(t *testing.T) {
 			if tt.wantKind != nil && !errors.Is(err, tt.wantKind) {
 				t.Errorf("errors.Is(%v, %v) = false, want true", err, tt.wantKind)
 			}
-			for _, other := range []error{ErrNotFound, ErrConflict, ErrUnavailable, ErrInternal} {
+			for _, other := range []error{ErrNotFound, ErrConflict, ErrUnavailable, ErrInsufficientStorage, ErrTimeout, ErrInternal} {
 				if other != tt.wantKind && errors.Is(err, other) {
 					t.Errorf("errors.Is(%v, %v) = true, want false", err, other)
 				}
@@ -850,6 +869,23 @@ func TestErrorMapping(t *testing.T) {
 				t.Errorf("error %q lacks its context", err)
 			}
 		})
+	}
+}
+
+func TestAPIErrorText(t *testing.T) {
+	tests := []struct {
+		err  APIError
+		want string
+	}{
+		{APIError{Status: 404, Code: "not_found", Message: "gone"}, "gone (not_found, HTTP 404)"},
+		{APIError{Status: 504, Code: "timeout", Message: "too slow", RequestID: "0123456789abcdef"}, "too slow (timeout, HTTP 504, request 0123456789abcdef)"},
+		{APIError{Code: "unavailable", Message: "agent died", RequestID: "fedcba9876543210"}, "agent died (unavailable, request fedcba9876543210)"},
+		{APIError{Status: 507}, "Insufficient Storage (error, HTTP 507)"},
+	}
+	for _, tt := range tests {
+		if got := tt.err.Error(); got != tt.want {
+			t.Errorf("got %q, want %q", got, tt.want)
+		}
 	}
 }
 

@@ -22,7 +22,13 @@ var (
 	ErrTooLarge        = errors.New("too large")
 	ErrQuotaExceeded   = errors.New("quota exceeded")
 	ErrUnavailable     = errors.New("unavailable")
-	ErrInternal        = errors.New("internal server error")
+	// ErrInsufficientStorage: the server's disk cannot take what the
+	// request would write (507).
+	ErrInsufficientStorage = errors.New("insufficient storage")
+	// ErrTimeout: something the request waited for inside the server did
+	// not answer in time (504).
+	ErrTimeout  = errors.New("timed out")
+	ErrInternal = errors.New("internal server error")
 )
 
 // kindOf returns the sentinel of a wire error code, or nil for an unknown one.
@@ -42,6 +48,10 @@ func kindOf(code string) error {
 		return ErrQuotaExceeded
 	case wire.CodeUnavailable:
 		return ErrUnavailable
+	case wire.CodeInsufficientStorage:
+		return ErrInsufficientStorage
+	case wire.CodeTimeout:
+		return ErrTimeout
 	case wire.CodeInternal:
 		return ErrInternal
 	}
@@ -59,6 +69,10 @@ type APIError struct {
 	// empty when Status says nothing more specific.
 	Code    string
 	Message string
+	// RequestID is the server's id of the request (the error body's
+	// request_id, or the X-Request-Id header): the server's log has the
+	// details of the error under it. Empty when unknown.
+	RequestID string
 }
 
 func (e *APIError) Error() string {
@@ -72,10 +86,14 @@ func (e *APIError) Error() string {
 	if code == "" {
 		code = "error"
 	}
-	if e.Status == 0 {
-		return fmt.Sprintf("%s (%s)", msg, code)
+	var id string
+	if e.RequestID != "" {
+		id = ", request " + e.RequestID
 	}
-	return fmt.Sprintf("%s (%s, HTTP %d)", msg, code, e.Status)
+	if e.Status == 0 {
+		return fmt.Sprintf("%s (%s%s)", msg, code, id)
+	}
+	return fmt.Sprintf("%s (%s, HTTP %d%s)", msg, code, e.Status, id)
 }
 
 // Is reports whether target is the sentinel of e's code, so that callers can
@@ -101,8 +119,12 @@ func codeForStatus(status int) string {
 		return wire.CodeTooLarge
 	case http.StatusTooManyRequests:
 		return wire.CodeQuota
-	case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+	case http.StatusBadGateway, http.StatusServiceUnavailable:
 		return wire.CodeUnavailable
+	case http.StatusGatewayTimeout:
+		return wire.CodeTimeout
+	case http.StatusInsufficientStorage:
+		return wire.CodeInsufficientStorage
 	case http.StatusInternalServerError:
 		return wire.CodeInternal
 	}

@@ -276,7 +276,7 @@ func (s *Sandbox) execStream(ctx context.Context, req wire.ExecRequest, opts Exe
 		case wire.EventError:
 			e := &APIError{Code: wire.CodeInternal, Message: "exec stream reported an error without details"}
 			if ev.Error != nil {
-				e.Code, e.Message = ev.Error.Code, ev.Error.Message
+				e.Code, e.Message, e.RequestID = ev.Error.Code, ev.Error.Message, ev.Error.RequestID
 			}
 			return nil, e
 		}

@@ -51,6 +51,7 @@ type Runtime struct {
 var (
 	_ runtime.Runtime      = (*Runtime)(nil)
 	_ runtime.Checkpointer = (*Runtime)(nil)
+	_ runtime.Inspector    = (*Runtime)(nil)
 )
 
 // New checks the configuration and returns a Runtime.
@@ -135,11 +136,22 @@ func (r *Runtime) Checkpoint(ctx context.Context, id, image string, leaveRunning
 	if leaveRunning {
 		args = append(args, "--leave-running")
 	}
+	// ctx bounds the checkpoint (the caller sizes it to the sandbox's
+	// memory); cancelling it kills runsc. With leaveRunning the sandbox
+	// then goes on running.
 	cmd := r.runsc(ctx, id, 0, append(args, id)...)
+	cmd.WaitDelay = time.Second
 	var stderr bytes.Buffer
 	cmd.Stderr = &limitedBuffer{buf: &stderr, max: 4096}
 	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("checkpointing sandbox %s with runsc: %w: %s", id, err, strings.TrimSpace(stderr.String()))
+		msg := strings.TrimSpace(stderr.String())
+		if strings.Contains(msg, "no space left on device") {
+			return fmt.Errorf("checkpointing sandbox %s: %w: %s", id, runtime.ErrNoSpace, msg)
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("checkpointing sandbox %s: %w", id, ctx.Err())
+		}
+		return fmt.Errorf("checkpointing sandbox %s with runsc: %w: %s", id, err, msg)
 	}
 	return nil
 }
@@ -253,6 +265,12 @@ func (c *fifoConn) Close() error {
 	return errors.Join(c.w.Close(), c.r.Close())
 }
 
+// SetReadDeadline and SetWriteDeadline bound waits on an agent that does
+// not answer (stopped, or busy forever): both FIFO ends are non-blocking
+// files in Go's poller, which honours deadlines.
+func (c *fifoConn) SetReadDeadline(t time.Time) error  { return c.r.SetReadDeadline(t) }
+func (c *fifoConn) SetWriteDeadline(t time.Time) error { return c.w.SetWriteDeadline(t) }
+
 // Connect implements runtime.Runtime.
 func (r *Runtime) Connect(ctx context.Context, id string) (io.ReadWriteCloser, error) {
 	if !validID(id) {
@@ -279,7 +297,12 @@ func (r *Runtime) Delete(ctx context.Context, id string) error {
 	if !validID(id) {
 		return fmt.Errorf("invalid sandbox id %q", id)
 	}
-	cmd := r.runsc(ctx, id, 0, "delete", "--force", id)
+	// A delete must finish even for a sandbox whose processes are stopped
+	// or stuck: runsc is bounded, and what it leaves is killed by
+	// killStragglers below.
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), runscTimeout)
+	defer cancel()
+	cmd := r.runsc(dctx, id, 0, "delete", "--force", id)
 	var stderr bytes.Buffer
 	cmd.Stderr = &limitedBuffer{buf: &stderr, max: 4096}
 	if err := cmd.Run(); err != nil {
@@ -297,6 +320,10 @@ func (r *Runtime) Delete(ctx context.Context, id string) error {
 	}
 	return nil
 }
+
+// runscTimeout bounds runsc calls that do not depend on the sandbox's size
+// (delete, list): they take milliseconds, and a minute means runsc hangs.
+const runscTimeout = time.Minute
 
 // cgroupRoot is where cgroup hierarchies are mounted.
 const cgroupRoot = "/sys/fs/cgroup"
@@ -342,7 +369,9 @@ func (r *Runtime) List(ctx context.Context) ([]string, error) {
 			ids = append(ids, id)
 		}
 	}
-	cmd := r.runsc(ctx, "x", 0, "list", "--format=json")
+	lctx, cancel := context.WithTimeout(ctx, runscTimeout)
+	defer cancel()
+	cmd := r.runsc(lctx, "x", 0, "list", "--format=json")
 	outb, err := cmd.Output()
 	if err != nil {
 		return nil, fmt.Errorf("listing runsc sandboxes: %w", err)
@@ -389,8 +418,16 @@ func (l *limitedBuffer) Write(p []byte) (int, error) {
 // network "none". Running sandboxes are not affected.
 func (r *Runtime) Close() error {
 	p := filepath.Join(r.cfg.StateDir, "runsc", "null-netns")
-	if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && err != unix.EINVAL && err != unix.ENOENT {
-		return fmt.Errorf("unmounting %s: %w", p, err)
+	// Concurrent first starts can each mount it: unmount until nothing is
+	// mounted there.
+	for range 64 {
+		err := unix.Unmount(p, unix.MNT_DETACH)
+		if err == unix.EINVAL || err == unix.ENOENT {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("unmounting %s: %w", p, err)
+		}
 	}
 	return nil
 }
@@ -416,4 +453,52 @@ func (r *Runtime) killStragglers(id string) {
 			_ = unix.Kill(pid, unix.SIGKILL)
 		}
 	}
+}
+
+// MemoryUsage implements runtime.Inspector: the usage of the sandbox's
+// memory cgroup (cgroup v2, or v1's memory controller).
+func (r *Runtime) MemoryUsage(ctx context.Context, id string) (int64, error) {
+	if !validID(id) {
+		return 0, fmt.Errorf("invalid sandbox id %q", id)
+	}
+	for _, p := range []string{
+		filepath.Join(cgroupRoot, r.cfg.CgroupParent, id, "memory.current"),
+		filepath.Join(cgroupRoot, "memory", r.cfg.CgroupParent, id, "memory.usage_in_bytes"),
+	} {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("reading %s: %w", p, err)
+		}
+		return n, nil
+	}
+	return 0, fmt.Errorf("no memory cgroup for sandbox %s", id)
+}
+
+// ExitCause implements runtime.Inspector. The host kernel's OOM killer
+// counts its kills in the sandbox's memory cgroup (memory.events under v2,
+// memory.oom_control under v1); gVisor has no OOM killer of its own, so a
+// sandbox over its memory limit loses its sentry.
+func (r *Runtime) ExitCause(ctx context.Context, id string) string {
+	if !validID(id) {
+		return ""
+	}
+	for _, p := range []string{
+		filepath.Join(cgroupRoot, r.cfg.CgroupParent, id, "memory.events"),
+		filepath.Join(cgroupRoot, "memory", r.cfg.CgroupParent, id, "memory.oom_control"),
+	} {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, " "); ok && k == "oom_kill" && strings.TrimSpace(v) != "0" {
+				return runtime.CauseOutOfMemory
+			}
+		}
+	}
+	return ""
 }

@@ -104,6 +104,10 @@ func ociSpec(s runtime.Spec, cgroupParent string) ([]byte, error) {
 			},
 		},
 	}
+	for _, b := range s.Binds {
+		sp.Mounts = append(sp.Mounts, specs.Mount{Destination: b.Destination, Type: "bind", Source: b.Source,
+			Options: []string{"rbind", "ro", "nosuid", "nodev"}})
+	}
 	b, err := json.MarshalIndent(sp, "", "  ")
 	if err != nil {
 		return nil, fmt.Errorf("encoding OCI spec: %w", err)

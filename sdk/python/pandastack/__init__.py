@@ -13,9 +13,9 @@ Standard library only; Python 3.9 or later.
 """
 
 from ._http import __version__
-from .errors import (AuthenticationError, ConflictError, InvalidArgumentError, NotFoundError,
-                     PandaStackConnectionError, PandaStackError, QuotaExceededError, ServerError,
-                     TooLargeError, UnavailableError)
+from .errors import (AuthenticationError, ConflictError, InsufficientStorageError,
+                     InvalidArgumentError, NotFoundError, PandaStackConnectionError, PandaStackError,
+                     QuotaExceededError, ServerError, ServerTimeoutError, TooLargeError, UnavailableError)
 from .models import ExecResult, SandboxInfo
 from .sandbox import Sandbox
 from .snapshot import Snapshot
@@ -33,6 +33,8 @@ __all__ = [
     "TooLargeError",
     "QuotaExceededError",
     "UnavailableError",
+    "ServerTimeoutError",
+    "InsufficientStorageError",
     "ServerError",
     "PandaStackConnectionError",
     "__version__",

@@ -113,7 +113,9 @@ class HTTPClient:
                 data = b""
             finally:
                 e.close()
-            err = error_from_response(e.code, data, e.headers.get("Content-Type", "") if e.headers else "", url)
+            headers = e.headers
+            err = error_from_response(e.code, data, headers.get("Content-Type", "") if headers else "", url,
+                                      request_id=headers.get("X-Request-Id") if headers else None)
             if e.code == 401 and not self.api_key:
                 err.message += " (" + self._key_source + ")"
             raise err from None

@@ -1,8 +1,11 @@
 """Exceptions raised by the PandaStack SDK.
 
-Every error the server reports arrives as ``{"error": {"code": ..., "message": ...}}``
-with a 4xx/5xx status; :func:`error_from_response` turns it into the matching
-subclass of :class:`PandaStackError`.
+Every error the server reports arrives as
+``{"error": {"code": ..., "message": ..., "request_id": ...}}`` with a 4xx/5xx
+status; :func:`error_from_response` turns it into the matching subclass of
+:class:`PandaStackError`. The request id (also the ``X-Request-Id`` header) is
+what the server's log files the error's details under: quote it when reporting
+a problem.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ class PandaStackError(Exception):
         code: the server's machine-readable error code (``not_found``, ...),
             or None when the answer carried none.
         message: the human-readable message.
+        request_id: the server's id of the request, or None when unknown.
     """
 
-    def __init__(self, message: str, *, status: Optional[int] = None, code: Optional[str] = None):
+    def __init__(self, message: str, *, status: Optional[int] = None, code: Optional[str] = None,
+                 request_id: Optional[str] = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
+        self.request_id = request_id
 
     def __str__(self) -> str:
         parts = []
@@ -34,13 +40,16 @@ class PandaStackError(Exception):
             parts.append(str(self.status))
         if self.code:
             parts.append(self.code)
+        text = self.message
         if parts:
-            return "%s: %s" % (" ".join(parts), self.message)
-        return self.message
+            text = "%s: %s" % (" ".join(parts), text)
+        if self.request_id:
+            text += " (request %s)" % self.request_id
+        return text
 
     def __repr__(self) -> str:
-        return "%s(status=%r, code=%r, message=%r)" % (
-            type(self).__name__, self.status, self.code, self.message)
+        return "%s(status=%r, code=%r, message=%r, request_id=%r)" % (
+            type(self).__name__, self.status, self.code, self.message, self.request_id)
 
 
 class InvalidArgumentError(PandaStackError):
@@ -64,11 +73,19 @@ class TooLargeError(PandaStackError):
 
 
 class QuotaExceededError(PandaStackError):
-    """429 quota_exceeded: too many sandboxes."""
+    """429 quota_exceeded: too many sandboxes, or (exec) too many commands running on the server."""
 
 
 class UnavailableError(PandaStackError):
     """503 unavailable: template not built yet, or the sandbox's agent is not answering."""
+
+
+class ServerTimeoutError(PandaStackError):
+    """504 timeout: something the request waited for inside the server did not answer in time."""
+
+
+class InsufficientStorageError(PandaStackError):
+    """507 insufficient_storage: the server's disk cannot take what the request would write."""
 
 
 class ServerError(PandaStackError):
@@ -94,6 +111,8 @@ _BY_STATUS = {
     413: TooLargeError,
     429: QuotaExceededError,
     503: UnavailableError,
+    504: ServerTimeoutError,
+    507: InsufficientStorageError,
 }
 
 _BY_CODE = {
@@ -104,18 +123,25 @@ _BY_CODE = {
     "too_large": (TooLargeError, 413),
     "quota_exceeded": (QuotaExceededError, 429),
     "unavailable": (UnavailableError, 503),
+    "timeout": (ServerTimeoutError, 504),
+    "insufficient_storage": (InsufficientStorageError, 507),
     "internal": (ServerError, 500),
 }
 
 
-def error_from_code(code: Optional[str], message: str) -> PandaStackError:
+def error_from_code(code: Optional[str], message: str, request_id: Optional[str] = None) -> PandaStackError:
     """The exception for an error that came without an HTTP status (an exec stream's error event)."""
     cls, status = _BY_CODE.get(code or "", (ServerError, None))
-    return cls(message, status=status, code=code)
+    return cls(message, status=status, code=code, request_id=request_id or None)
 
 
-def error_from_response(status: int, body: bytes, content_type: str = "", url: str = "") -> PandaStackError:
-    """The exception for an error answer with the given status and body."""
+def error_from_response(status: int, body: bytes, content_type: str = "", url: str = "",
+                        request_id: Optional[str] = None) -> PandaStackError:
+    """The exception for an error answer with the given status and body.
+
+    ``request_id`` is the answer's ``X-Request-Id`` header; the body's
+    ``request_id`` wins when it has one.
+    """
     cls = _BY_STATUS.get(status, ServerError)
     code: Optional[str] = None
     message: Optional[str] = None
@@ -129,6 +155,8 @@ def error_from_response(status: int, body: bytes, content_type: str = "", url: s
             code = err["code"]
         if isinstance(err.get("message"), str):
             message = err["message"]
+        if isinstance(err.get("request_id"), str) and err["request_id"]:
+            request_id = err["request_id"]
     if message is None:
         text = body.decode("utf-8", errors="replace").strip()
         if len(text) > 500:
@@ -139,4 +167,4 @@ def error_from_response(status: int, body: bytes, content_type: str = "", url: s
                 where, content_type or "no content type", text)
         else:
             message = "unexpected error answer%s with an empty body" % where
-    return cls(message, status=status, code=code)
+    return cls(message, status=status, code=code, request_id=request_id or None)

@@ -280,7 +280,8 @@ class Sandbox:
                     return result
                 elif kind == "error":
                     err = event.get("error") or {}
-                    raise error_from_code(err.get("code"), str(err.get("message") or "exec stream failed"))
+                    raise error_from_code(err.get("code"), str(err.get("message") or "exec stream failed"),
+                                          err.get("request_id") if isinstance(err.get("request_id"), str) else None)
                 # Unknown event types are skipped: newer servers may add some.
         raise PandaStackConnectionError(
             "exec in %s: the stream from %s ended before the command's exit event"

@@ -22,6 +22,7 @@ from pandastack import (AuthenticationError, ConflictError, ExecResult, InvalidA
                         QuotaExceededError, Sandbox, SandboxInfo, ServerError, Snapshot,
                         TooLargeError, UnavailableError)
 from pandastack import _http
+from pandastack.errors import InsufficientStorageError, ServerTimeoutError, error_from_code
 from pandastack.models import parse_time
 
 API_KEY = "test-key-123"
@@ -40,7 +41,7 @@ class FakeServer:
     """An in-process stand-in for the PandaStack daemon.
 
     Knobs for tests: ``canned`` maps (method, path) to (status, body bytes,
-    content type); ``exec_events`` is the list of events a streamed exec
+    content type[, extra headers]); ``exec_events`` is the list of events a streamed exec
     sends (an entry ("wait", name) waits until the test sets
     ``gates[name]``); ``exec_result`` is the blocking exec's answer;
     ``delay`` sleeps before answering.
@@ -96,10 +97,12 @@ class FakeServer:
     # ----- answers -----
 
     @staticmethod
-    def send(h, status, body=b"", ctype="application/json"):
+    def send(h, status, body=b"", ctype="application/json", headers=None):
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
         h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
         if status != 204:
             h.send_header("Content-Type", ctype)
             h.send_header("Content-Length", str(len(body)))
@@ -131,8 +134,7 @@ class FakeServer:
     def route(self, h, rec):
         key = (rec.method, rec.path)
         if key in self.canned:
-            status, body, ctype = self.canned[key]
-            return self.send(h, status, body, ctype)
+            return self.send(h, *self.canned[key])
         parts = rec.path.split("?")[0].strip("/").split("/")
         if rec.path == "/v1/health" and rec.method == "GET":
             return self.send(h, 200, {"status": "ok", "version": "test", "runtime": "gvisor"})
@@ -621,6 +623,8 @@ def test_exec_stream_http_error_is_mapped(server, kw):
     (413, "too_large", TooLargeError),
     (429, "quota_exceeded", QuotaExceededError),
     (503, "unavailable", UnavailableError),
+    (504, "timeout", ServerTimeoutError),
+    (507, "insufficient_storage", InsufficientStorageError),
     (500, "internal", ServerError),
     (502, "bad_gateway", ServerError),
     (418, "teapot", ServerError),
@@ -634,6 +638,52 @@ def test_error_mapping(server, kw, status, code, cls):
     assert isinstance(e, PandaStackError)
     assert (e.status, e.code, e.message) == (status, code, "msg " + code)
     assert code in str(e) and str(status) in str(e)
+
+
+@pytest.mark.parametrize("status,cls", [
+    (504, ServerTimeoutError),
+    (507, InsufficientStorageError),
+])
+def test_error_status_without_json(server, kw, status, cls):
+    server.canned[("GET", "/v1/sandboxes/sb-x")] = (status, b"<html>proxy</html>", "text/html")
+    with pytest.raises(cls) as ei:
+        Sandbox.connect("sb-x", **kw)
+    assert ei.value.status == status and ei.value.code is None
+
+
+def test_error_request_id(server, kw):
+    body = {"error": {"code": "unavailable", "message": "sandbox failed to start",
+                      "request_id": "0123456789abcdef"}}
+    # From the body, which wins over the header.
+    server.canned[("GET", "/v1/sandboxes/sb-x")] = (
+        503, json.dumps(body).encode(), "application/json", {"X-Request-Id": "ffffffffffffffff"})
+    with pytest.raises(UnavailableError) as ei:
+        Sandbox.connect("sb-x", **kw)
+    assert ei.value.request_id == "0123456789abcdef"
+    assert "0123456789abcdef" in str(ei.value) and "0123456789abcdef" in repr(ei.value)
+    # From the header when the body has none (a proxy's page).
+    server.canned[("GET", "/v1/sandboxes/sb-y")] = (
+        500, b"oops", "text/plain", {"X-Request-Id": "fedcba9876543210"})
+    with pytest.raises(ServerError) as ei:
+        Sandbox.connect("sb-y", **kw)
+    assert ei.value.request_id == "fedcba9876543210"
+    # None when there is neither.
+    server.canned[("GET", "/v1/sandboxes/sb-z")] = (404, b"", "text/plain")
+    with pytest.raises(NotFoundError) as ei:
+        Sandbox.connect("sb-z", **kw)
+    assert ei.value.request_id is None and "request" not in str(ei.value)
+
+
+@pytest.mark.parametrize("code,cls,status", [
+    ("timeout", ServerTimeoutError, 504),
+    ("insufficient_storage", InsufficientStorageError, 507),
+    ("unavailable", UnavailableError, 503),
+    ("something_new", ServerError, None),
+])
+def test_error_from_code(code, cls, status):
+    e = error_from_code(code, "m", request_id="0123456789abcdef")
+    assert type(e) is cls and (e.status, e.code, e.message, e.request_id) == (status, code, "m", "0123456789abcdef")
+    assert error_from_code(code, "m").request_id is None
 
 
 def test_error_non_json_body(server, kw):

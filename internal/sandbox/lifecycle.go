@@ -1,0 +1,135 @@
+package sandbox
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/pandastack/pandastack/internal/agent"
+	"github.com/pandastack/pandastack/internal/store"
+	"github.com/pandastack/pandastack/wire"
+)
+
+// phase is where a sandbox is in its lifecycle. The stable phases are the
+// states the store records (creating, running, paused, and the ended
+// states); the others mark an operation in progress:
+//
+//	creating ──► running ──► pausing ──► paused ──► resuming ──► running
+//	   │            │            │  └──► running        │  └──► paused
+//	   └────────────┴────────────┴────────┴─────────────┴──► stopping ──► ended
+//
+// Only the transitions in phaseNext are allowed; setPhase checks them, as
+// runsc's Container checks its own.
+type phase int
+
+const (
+	phaseCreating phase = iota
+	phaseRunning
+	phasePausing  // saving for a pause; the sandbox still runs
+	phasePaused   // saved to disk; no process or memory left
+	phaseResuming // being restored from its pause image
+	phaseStopping // being destroyed
+	phaseEnded
+)
+
+var phaseNames = [...]string{"creating", "running", "pausing", "paused", "resuming", "stopping", "ended"}
+
+func (p phase) String() string { return phaseNames[p] }
+
+var phaseNext = map[phase][]phase{
+	phaseCreating: {phaseRunning, phaseStopping},
+	phaseRunning:  {phasePausing, phaseStopping},
+	phasePausing:  {phasePaused, phaseRunning, phaseStopping},
+	phasePaused:   {phaseResuming, phaseStopping},
+	phaseResuming: {phaseRunning, phasePaused, phaseStopping},
+	phaseStopping: {phaseEnded},
+}
+
+// opLock serialises the lifecycle operations of one sandbox (create, pause,
+// resume, snapshot, the checkpoint of a fork, destroy), which call runsc and
+// can take seconds. Unlike a mutex, waiting for it honours a context.
+// Nothing global (list, reaper, shutdown) ever waits for it.
+type opLock chan struct{}
+
+func newOpLock() opLock { return make(opLock, 1) }
+
+func (l opLock) lock(ctx context.Context) error {
+	select {
+	case l <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (l opLock) unlock() { <-l }
+
+// instance is one live sandbox: from the start of its create until it has
+// ended.
+//
+// Concurrency: op serialises lifecycle operations; mu guards the fields
+// below it and is only ever held for short, non-blocking work (no runsc, no
+// agent calls), so that List, Get and the reaper never wait on a slow
+// operation. Lock order: op before mu; mu before Manager.mu.
+type instance struct {
+	id     string
+	tenant string
+	op     opLock
+
+	mu    sync.Mutex
+	phase phase
+	rec   store.Sandbox
+	// client is the agent session while running; nil otherwise.
+	client *agent.Client
+	// slot reports whether the sandbox counts against MaxSandboxes (it
+	// has, or is about to have, runtime processes).
+	slot bool
+	// cancelOp cuts short the operation holding op, where it can be (a
+	// checkpoint); Kill uses it so that destroying never waits for a
+	// pause or snapshot of gigabytes.
+	cancelOp context.CancelFunc
+	// endReason says why the last agent session ended, for the commands
+	// that were running in it.
+	endReason string
+	// execs counts commands running now.
+	execs int
+	// reaping is set while the reaper works on the sandbox; retryAt is
+	// when it may try again after a failed pause at the TTL.
+	reaping bool
+	retryAt time.Time
+	// ended is closed once the sandbox has ended.
+	ended chan struct{}
+}
+
+func newInstance(id, tenant string, rec store.Sandbox, p phase) *instance {
+	return &instance{id: id, tenant: tenant, op: newOpLock(), rec: rec, phase: p, ended: make(chan struct{})}
+}
+
+// setPhase moves the sandbox to phase to, or reports a bug; the caller
+// holds in.mu.
+func (in *instance) setPhase(to phase) error {
+	for _, p := range phaseNext[in.phase] {
+		if p == to {
+			in.phase = to
+			if to == phaseEnded {
+				close(in.ended)
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("sandbox %s: invalid lifecycle transition %s → %s", in.id, in.phase, to)
+}
+
+// visibleState is the state the API shows, or "" while the sandbox is not
+// shown (being created, or ending); the caller holds in.mu. An operation in
+// progress shows as the state the sandbox is in until it completes.
+func (in *instance) visibleState() string {
+	switch in.phase {
+	case phaseRunning, phasePausing:
+		return wire.StateRunning
+	case phasePaused, phaseResuming:
+		return wire.StatePaused
+	}
+	return ""
+}
