@@ -46,8 +46,8 @@ type fakeRuntime struct {
 	// restoreStopped makes restored sandboxes start with their agent
 	// stopped, as a sandbox saved after kill -STOP 1 would.
 	restoreStopped bool
-	memory  int64
-	deletes []string
+	memory         int64
+	deletes        []string
 }
 
 var (
