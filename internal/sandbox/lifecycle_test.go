@@ -346,10 +346,11 @@ func TestStoppedAgentEndsItsSandbox(t *testing.T) {
 		_, err := e.m.Get(ctx, tenant, sb.ID)
 		return errors.Is(err, errdefs.ErrNotFound)
 	})
-	rec, err := e.st.GetSandbox(ctx, tenant, sb.ID)
-	if err != nil || rec.State != wire.StateFailed {
-		t.Errorf("record: got %+v, %v, want failed", rec.State, err)
-	}
+	// The API stops showing it first; the record and teardown follow.
+	waitFor(t, "the record to say failed", func() bool {
+		rec, err := e.st.GetSandbox(ctx, tenant, sb.ID)
+		return err == nil && rec.State == wire.StateFailed
+	})
 }
 
 // B1: a paused sandbox whose agent was stopped cannot hang a resume: the
@@ -468,9 +469,10 @@ func TestStoredQuotaAndExpiry(t *testing.T) {
 		_, err := e.m.Get(ctx, tenant, a.ID)
 		return errors.Is(err, errdefs.ErrNotFound)
 	})
-	if _, err := os.Stat(e.m.pausedDir(a.ID)); !os.IsNotExist(err) {
-		t.Errorf("expired paused sandbox's image left: %v", err)
-	}
+	waitFor(t, "the expired paused sandbox's image to go", func() bool {
+		_, err := os.Stat(e.m.pausedDir(a.ID))
+		return os.IsNotExist(err)
+	})
 	waitFor(t, "the snapshot to expire", func() bool {
 		_, err := e.m.GetSnapshot(ctx, tenant, sn.ID)
 		return errors.Is(err, errdefs.ErrNotFound)
