@@ -88,11 +88,11 @@ func Start(t testing.TB, mut func(*daemon.Config)) *Server {
 			logw.mu.Unlock()
 		}
 	})
-	key, err := os.ReadFile(daemon.KeyFile(dataDir))
+	key, err := os.ReadFile(daemon.KeyFile(cfg.DataDir))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Server{URL: "http://" + addr, Key: strings.TrimSpace(string(key)), DataDir: dataDir, CgroupParent: cfg.CgroupParent}
+	return &Server{URL: "http://" + addr, Key: strings.TrimSpace(string(key)), DataDir: cfg.DataDir, CgroupParent: cfg.CgroupParent}
 }
 
 // testSandboxConfig is the server's own default configuration (`serve`
