@@ -81,6 +81,28 @@ func (c *Client) Ping(ctx context.Context) (Pong, error) {
 	return p, nil
 }
 
+// Reclaim asks the agent to kill the process using the most memory: the
+// sandbox is at its memory limit.
+func (c *Client) Reclaim(ctx context.Context, limitMB int) (Reclaimed, error) {
+	st, cleanup, err := c.open(ctx, Request{Op: OpReclaim, Reclaim: &Reclaim{LimitMB: limitMB}})
+	if err != nil {
+		return Reclaimed{}, err
+	}
+	defer cleanup()
+	typ, payload, err := ReadFrame(st)
+	if err != nil {
+		return Reclaimed{}, ctxErr(ctx, fmt.Errorf("reading reclaim reply: %w", err))
+	}
+	if typ != FrameReply {
+		return Reclaimed{}, fmt.Errorf("unexpected frame %q in reply to reclaim", typ)
+	}
+	var r Reclaimed
+	if err := json.Unmarshal(payload, &r); err != nil {
+		return Reclaimed{}, fmt.Errorf("decoding reclaim reply: %w", err)
+	}
+	return r, nil
+}
+
 // ExecIO connects an exec to its caller. Any field may be nil.
 type ExecIO struct {
 	// Stdin, when set, is copied to the process; its EOF closes the

@@ -55,12 +55,17 @@ const MaxFrame = 1 << 20
 const (
 	OpPing = "ping"
 	OpExec = "exec"
+	// OpReclaim kills the process using the most memory (reclaim.go);
+	// the reply is a Reclaimed.
+	OpReclaim = "reclaim"
 )
 
 // Request is the first frame of every stream.
 type Request struct {
 	Op   string       `json:"op"`
 	Exec *ExecRequest `json:"exec,omitempty"`
+	// Reclaim is set for OpReclaim.
+	Reclaim *Reclaim `json:"reclaim,omitempty"`
 }
 
 // ExecRequest asks the agent to run one process.

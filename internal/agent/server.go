@@ -42,6 +42,9 @@ type Server struct {
 	mu sync.Mutex
 	// waiters maps a started pid to the channel its wait status goes to.
 	waiters map[int]chan unix.WaitStatus
+	// oomKilled maps the process group of a process a reclaim killed to
+	// the memory limit, for its exec's caller (reclaim.go).
+	oomKilled map[int]int
 }
 
 // NewServer returns a Server and starts its reaper, which runs until ctx ends.
@@ -159,6 +162,11 @@ func (s *Server) handle(ctx context.Context, st *yamux.Stream) {
 			return
 		}
 		s.exec(ctx, st, req.Exec)
+	case OpReclaim:
+		if req.Reclaim == nil {
+			req.Reclaim = &Reclaim{}
+		}
+		_ = WriteJSON(st, FrameReply, s.reclaim(*req.Reclaim))
 	default:
 		_ = WriteJSON(st, FrameExit, Exit{ExitCode: -1, Error: fmt.Sprintf("unknown op %q", req.Op)})
 	}
@@ -459,6 +467,9 @@ wait:
 	}
 	if timedOut {
 		exit.ExitCode = 124
+	}
+	if note := s.oomNote(pid); note != "" {
+		_ = fw.frame(FrameStderr, []byte(note))
 	}
 	_ = fw.json(FrameExit, exit)
 }

@@ -26,8 +26,8 @@ type Limits struct {
 	Pids int64
 	// DiskBytes caps the writable root layer; writes beyond it get ENOSPC.
 	DiskBytes int64
-	// TmpBytes caps the /tmp tmpfs.
-	TmpBytes int64
+	// TmpBytes and ShmBytes cap the /tmp and /dev/shm tmpfs.
+	TmpBytes, ShmBytes int64
 	// NoFile caps open files per process.
 	NoFile uint64
 }
@@ -108,3 +108,15 @@ type Inspector interface {
 // CauseOutOfMemory is the ExitCause of a sandbox killed for going over its
 // memory limit.
 const CauseOutOfMemory = "out of memory"
+
+// MemoryWatcher is the optional capability to watch a sandbox's memory.
+// Runtimes whose sandboxes have no OOM killer of their own (gVisor) use it
+// to let the manager free memory inside before the host kills the whole
+// sandbox: the hard limit then sits above the promised one.
+type MemoryWatcher interface {
+	// WatchMemory calls over whenever the memory the sandbox's processes
+	// use (not caches the host can reclaim) is at or above limit, at most
+	// every few milliseconds, until ctx ends or the sandbox is gone. It
+	// blocks until then.
+	WatchMemory(ctx context.Context, id string, limit int64, over func()) error
+}

@@ -294,6 +294,7 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 		m.poolMu.Unlock()
 	}
 	go m.watch(in, client)
+	m.guard(in, client)
 	m.log.Info("sandbox created", "id", id, "tenant", tenant, "template", tpl.Name, "restored", image != "", "pooled", warm != nil)
 	return sb, nil
 }
@@ -326,6 +327,15 @@ func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
 	if pids == 0 {
 		pids = m.cfg.Pids
 	}
+	// /tmp and /dev/shm live in the sandbox's memory: at most half and a
+	// quarter of it (layoutAgentMount on), so that full ones leave room to
+	// run. A restore needs the mounts of its image, and a restore always
+	// has its image's memory and layout.
+	tmp, shm := int64(m.cfg.TmpMB)<<20, int64(64<<20)
+	if r.Layout >= layoutAgentMount {
+		tmp = min(tmp, int64(r.MemoryMB)<<20/2)
+		shm = min(shm, int64(r.MemoryMB)<<20/4)
+	}
 	return runtime.Spec{
 		ID:        r.ID,
 		Hostname:  r.ID,
@@ -334,14 +344,15 @@ func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
 		Binds:     binds,
 		Env:       append(append([]string{}, baseEnv...), envList(r.Env)...),
 		Limits: runtime.Limits{
-			CPU:         r.CPU,
-			MemoryBytes: int64(r.MemoryMB) << 20,
+			CPU: r.CPU,
+			// The hard limit sits above the promised one: at memory_mb
+			// the guard (guard.go) kills the largest process inside,
+			// where the host would kill the whole sandbox.
+			MemoryBytes: HardMemoryLimit(r.MemoryMB),
 			Pids:        int64(pids),
 			DiskBytes:   int64(disk) << 20,
-			// /tmp lives in the sandbox's memory: at most half of it, so a
-			// full /tmp leaves room to run. A restore needs the mounts of
-			// its image, and a restore always has its image's memory.
-			TmpBytes: int64(min(m.cfg.TmpMB, r.MemoryMB/2)) << 20,
+			TmpBytes:    tmp,
+			ShmBytes:    shm,
 		},
 	}, nil
 }

@@ -48,6 +48,8 @@ type fakeRuntime struct {
 	restoreStopped bool
 	memory         int64
 	deletes        []string
+	// deathCause is what ExitCause reports.
+	deathCause string
 }
 
 var (
@@ -289,7 +291,11 @@ func (f *fakeRuntime) MemoryUsage(ctx context.Context, id string) (int64, error)
 	return f.memory, nil
 }
 
-func (f *fakeRuntime) ExitCause(ctx context.Context, id string) string { return "" }
+func (f *fakeRuntime) ExitCause(ctx context.Context, id string) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.deathCause
+}
 
 // fakeTemplates serves one template whose root file system is an empty
 // directory: the fake runtime does not look at it.

@@ -617,3 +617,41 @@ func TestStartReconcilesCrashLeftovers(t *testing.T) {
 		t.Errorf("exec in the kept-paused sandbox: got %q, %v", out, err)
 	}
 }
+
+// C7: a sandbox that dies says why to the commands it was running: killed
+// for memory by the host, or its agent gone.
+func TestDeathCauseIsNamed(t *testing.T) {
+	for _, tc := range []struct {
+		name, cause, want string
+	}{
+		{"out of memory", runtime.CauseOutOfMemory, "ran out of memory (its limit is 128 MiB)"},
+		{"agent gone", "", "init process"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newLifecycleEnv(t, nil)
+			e.rt.deathCause = tc.cause
+			sb := e.create(t, wire.CreateSandboxRequest{MemoryMB: 128})
+			started := make(chan struct{})
+			errc := make(chan error, 1)
+			go func() {
+				var once sync.Once
+				_, err := e.m.Exec(context.Background(), tenant, sb.ID, wire.ExecRequest{Cmd: "echo go; sleep 30"}, func(string, []byte) error {
+					once.Do(func() { close(started) })
+					return nil
+				})
+				errc <- err
+			}()
+			<-started
+			e.rt.kill(sb.ID)
+			err := <-errc
+			msg, _ := errdefs.Public(err)
+			if !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(msg, tc.want) {
+				t.Errorf("exec in a sandbox that died: got %v, want a conflict naming %q", err, tc.want)
+			}
+			waitFor(t, "the record to say failed", func() bool {
+				rec, err := e.st.GetSandbox(context.Background(), tenant, sb.ID)
+				return err == nil && rec.State == wire.StateFailed
+			})
+		})
+	}
+}

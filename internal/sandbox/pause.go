@@ -217,6 +217,7 @@ func (m *Manager) ensureRunningLocked(ctx context.Context, in *instance) error {
 	in.endReason = ""
 	in.mu.Unlock()
 	go m.watch(in, client)
+	m.guard(in, client)
 	if err := os.RemoveAll(dir); err != nil {
 		m.log.Error("removing resumed sandbox's saved state", "id", in.id, "err", err)
 	}

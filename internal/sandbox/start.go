@@ -173,6 +173,7 @@ func (m *Manager) settleRunning(ctx context.Context, r store.Sandbox, hasImage b
 		in.client = client
 		m.register(in, true)
 		go m.watch(in, client)
+		m.guard(in, client)
 		if hasImage {
 			// A pause cut short after its checkpoint, or a resume before
 			// it removed the image: the sandbox runs, the image is stale.
@@ -308,6 +309,7 @@ func (m *Manager) watch(in *instance, client *agent.Client) {
 			in.mu.Unlock()
 			m.log.Warn("agent session ended unexpectedly; reconnected", "id", in.id)
 			go m.watch(in, nc)
+			m.guard(in, nc)
 			return
 		}
 	}

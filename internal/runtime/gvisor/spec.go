@@ -14,6 +14,7 @@ const (
 	defaultNoFile = 1 << 16
 	defaultPids   = 512
 	defaultTmp    = 512 << 20
+	defaultShm    = 64 << 20
 	cpuPeriod     = 100_000
 )
 
@@ -39,6 +40,9 @@ func ociSpec(s runtime.Spec, cgroupParent string) ([]byte, error) {
 	}
 	if lim.TmpBytes == 0 {
 		lim.TmpBytes = defaultTmp
+	}
+	if lim.ShmBytes == 0 {
+		lim.ShmBytes = defaultShm
 	}
 	hostname := s.Hostname
 	if hostname == "" {
@@ -88,7 +92,7 @@ func ociSpec(s runtime.Spec, cgroupParent string) ([]byte, error) {
 			{Destination: "/proc", Type: "proc", Source: "proc"},
 			{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
 			{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"}},
-			{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=65536k"}},
+			{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", shmSize(lim.ShmBytes)}},
 			{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
 			{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%d", lim.TmpBytes)}},
 		},
@@ -113,4 +117,13 @@ func ociSpec(s runtime.Spec, cgroupParent string) ([]byte, error) {
 		return nil, fmt.Errorf("encoding OCI spec: %w", err)
 	}
 	return b, nil
+}
+
+// shmSize is /dev/shm's size option. The default keeps the text earlier
+// versions wrote: a restore's mounts must match its image's.
+func shmSize(b int64) string {
+	if b == defaultShm {
+		return "size=65536k"
+	}
+	return fmt.Sprintf("size=%d", b)
 }
