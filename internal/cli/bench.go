@@ -314,7 +314,8 @@ func benchExec(ctx context.Context, c *pandastack.Client, tmpl string, n int) ([
 		return nil, err
 	}
 	defer sb.Kill(context.WithoutCancel(ctx))
-	// One untimed exec loads the binaries (see DESIGN.md).
+	// One untimed exec loads the binaries: the first exec in a fresh
+	// sandbox is ~9 ms slower (docs/BENCHMARKS.md).
 	if _, err := sb.ExecArgv(ctx, []string{"true"}, pandastack.ExecOptions{}); err != nil {
 		return nil, err
 	}
