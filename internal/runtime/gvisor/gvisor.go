@@ -54,7 +54,9 @@ var (
 	_ runtime.Inspector    = (*Runtime)(nil)
 )
 
-// New checks the configuration and returns a Runtime.
+// New checks the configuration and returns a Runtime. It takes over the
+// state directory: runsc commands that an earlier runtime on it left
+// running (its daemon was killed) are waited for, or killed, first.
 func New(cfg Config) (*Runtime, error) {
 	if cfg.Platform == "" {
 		cfg.Platform = "systrap"
@@ -73,7 +75,11 @@ func New(cfg Config) (*Runtime, error) {
 			return nil, fmt.Errorf("creating runtime state directory %q: %w", d, err)
 		}
 	}
-	return &Runtime{cfg: cfg}, nil
+	r := &Runtime{cfg: cfg}
+	// The state directory is this runtime's from now on: runsc commands
+	// that an earlier one left running must not change it any more.
+	r.stopStaleCommands()
+	return r, nil
 }
 
 // Name implements runtime.Runtime.
