@@ -28,6 +28,11 @@ import (
 // of the test, its stdio three os.Pipes and a file), and as the init of a
 // real gVisor sandbox.
 
+// patience bounds every wait for something that must happen (a sandbox
+// starting, an answer, processes ending): generous, because the tests never
+// assume how fast the machine is.
+const patience = 2 * time.Minute
+
 // pipeConn is the daemon's end of the agent's stdio.
 type pipeConn struct {
 	r, w *os.File
@@ -86,7 +91,7 @@ func startHostAgent(t *testing.T) *hostAgent {
 		_ = cmd.Process.Kill()
 		<-a.exited
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), patience)
 	defer cancel()
 	c, err := agent.Dial(ctx, &pipeConn{r: outR, w: inW})
 	if err != nil {
@@ -113,7 +118,7 @@ func readSmall(path string) string {
 // or dead agent never does.
 func ping(t *testing.T, c *agent.Client) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), patience)
 	defer cancel()
 	if _, err := c.Ping(ctx); err != nil {
 		t.Fatalf("ping: got %v, want an answer", err)
@@ -129,7 +134,7 @@ func run(t *testing.T, c *agent.Client, req agent.ExecRequest) result {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
 	if req.TimeoutMS == 0 {
-		req.TimeoutMS = 60_000
+		req.TimeoutMS = patience.Milliseconds()
 	}
 	ex, err := c.Exec(context.Background(), req, agent.ExecIO{
 		Stdout: func(b []byte) error { stdout.Write(b); return nil },
@@ -273,7 +278,7 @@ func startSandbox(t *testing.T) (*agent.Client, string) {
 	}
 	t.Cleanup(func() { rt.Close() })
 	id := runtimetest.NewID()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), patience)
 	defer cancel()
 	spec := runtime.Spec{
 		ID:        id,
@@ -387,12 +392,24 @@ func TestSandboxAgentHardening(t *testing.T) {
 	})
 
 	t.Run("escaped processes killed", func(t *testing.T) {
-		// Regression: a timeout killed only the process group.
-		r := run(t, c, agent.ExecRequest{Argv: sh("setsid sh -c 'sleep 1000' & sleep 1000"), TimeoutMS: 1000})
-		if !r.exit.TimedOut {
-			t.Errorf("exit: got %+v, want a timeout", r.exit)
+		// Regression: a timeout killed only the process group. The escaped
+		// session touches /tmp/escaped once it runs; a timeout that fired
+		// before (a slow machine) proves nothing, and the command runs
+		// again with twice the timeout.
+		for timeout := int64(1000); ; timeout *= 2 {
+			r := run(t, c, agent.ExecRequest{Argv: sh("rm -f /tmp/escaped; setsid sh -c 'touch /tmp/escaped; sleep 1000' & sleep 1000"), TimeoutMS: timeout})
+			if !r.exit.TimedOut {
+				t.Errorf("exit: got %+v, want a timeout", r.exit)
+			}
+			if run(t, c, agent.ExecRequest{Argv: []string{"test", "-e", "/tmp/escaped"}}).exit.ExitCode == 0 {
+				break
+			}
+			if time.Duration(timeout)*time.Millisecond >= patience {
+				t.Fatalf("the escaped session never ran before the timeout, up to %d ms", timeout)
+			}
+			t.Logf("the escaped session did not run before the %d ms timeout (a slow machine): again", timeout)
 		}
-		deadline := time.Now().Add(20 * time.Second)
+		deadline := time.Now().Add(patience)
 		for {
 			// pgrep exits 1 when nothing matches; no shell, so nothing
 			// else's command line holds the pattern.

@@ -203,7 +203,7 @@ func roundTrip(sess *yamux.Session, typ byte, payload []byte) (last byte, err er
 		return 0, fmt.Errorf("opening stream: %w", err)
 	}
 	defer st.Close()
-	if err := st.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+	if err := st.SetReadDeadline(time.Now().Add(patience)); err != nil {
 		return 0, err
 	}
 	if err := WriteFrame(st, typ, payload); err != nil {
@@ -251,7 +251,9 @@ func TestServerBadRequests(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer st.Close()
-			_ = st.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if err := st.SetReadDeadline(time.Now().Add(patience)); err != nil {
+				t.Fatal(err)
+			}
 			if err := WriteFrame(st, tt.typ, []byte(tt.payload)); err != nil {
 				t.Fatal(err)
 			}

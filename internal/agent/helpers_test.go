@@ -29,6 +29,16 @@ import (
 // until the reaper goroutine is gone, and no test here starts a child
 // process except through the agent.
 
+// patience bounds every wait in these tests for something that must happen
+// (a line of output, a process ending, a goroutine returning). It is
+// generous: the tests never assume how fast the machine is, only that it
+// gets there.
+const patience = time.Minute
+
+// neverMS is an exec timeout that does not fire while a test waits within
+// patience: for commands that a test ends itself (a signal, a cancel).
+const neverMS = 10 * int64(patience/time.Millisecond)
+
 // pipeConn is one end of a bidirectional byte stream made of two os.Pipes.
 type pipeConn struct {
 	r, w *os.File
@@ -104,18 +114,18 @@ type serverHandle struct {
 // (handlers included) to end, then stops the reaper and waits for it to
 // end, so that the next Server starts alone.
 func startServer(t testing.TB) serverHandle {
-	if g := waitGoroutinesGone(reaperStack, 2*time.Second); len(g) > 0 {
+	if g := waitGoroutinesGone(reaperStack, patience); len(g) > 0 {
 		t.Fatalf("another Server's reaper is still running (tests must not run in parallel):\n%s", g[0])
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	srv := NewServer(ctx, slog.New(slog.DiscardHandler))
 	stop := func() error {
 		var err error
-		if g := waitGoroutinesGone(serverStack, 5*time.Second); len(g) > 0 {
+		if g := waitGoroutinesGone(serverStack, patience); len(g) > 0 {
 			err = errors.New("server goroutines still running after the session ended:\n" + strings.Join(g, "\n\n"))
 		}
 		cancel()
-		if g := waitGoroutinesGone(reaperStack, 5*time.Second); len(g) > 0 && err == nil {
+		if g := waitGoroutinesGone(reaperStack, patience); len(g) > 0 && err == nil {
 			err = errors.New("reaper still running after its context ended:\n" + g[0])
 		}
 		return err
@@ -164,7 +174,7 @@ func startAgentServer(t *testing.T, configure ...func(*Server)) *testAgent {
 			if err != nil {
 				t.Errorf("Serve: got %v, want nil", err)
 			}
-		case <-time.After(5 * time.Second):
+		case <-time.After(patience):
 			t.Error("Serve did not return after its session ended")
 		}
 	})
@@ -227,6 +237,26 @@ func runExec(ctx context.Context, c *Client, req ExecRequest, eio ExecIO) execRe
 	mu.Lock()
 	defer mu.Unlock()
 	return execResult{stdout: stdout.String(), stderr: stderr.String(), exit: exit, err: err, dur: dur}
+}
+
+// runTimingOut runs req, a command that only a timeout ends, first with
+// req.TimeoutMS. ready reports whether the command had set up what the test
+// is about (a background child, an escaped session) before the timeout
+// fired; on a slow machine it may not have, and the command runs again with
+// twice the timeout, up to patience. It returns the last run.
+func runTimingOut(t *testing.T, c *Client, req ExecRequest, ready func(execResult) bool) execResult {
+	t.Helper()
+	for {
+		r := runExec(context.Background(), c, req, ExecIO{})
+		if r.err != nil || ready(r) {
+			return r
+		}
+		if time.Duration(req.TimeoutMS)*time.Millisecond >= patience {
+			t.Fatalf("the command never got ready before its timeout, up to %d ms: %+v, stdout %q, stderr %q", req.TimeoutMS, r.exit, r.stdout, r.stderr)
+		}
+		req.TimeoutMS *= 2
+		t.Logf("the command was not ready before its timeout (a slow machine): again with %d ms", req.TimeoutMS)
+	}
 }
 
 // sh returns the argv that runs script with /bin/sh -c.

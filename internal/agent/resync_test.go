@@ -161,7 +161,7 @@ func TestServeStdioReconnectsDoNotLeak(t *testing.T) {
 		stdio.in.Close() // ends ServeStdio's read
 		select {
 		case <-served:
-		case <-time.After(10 * time.Second):
+		case <-time.After(patience):
 			t.Error("ServeStdio did not return after its input closed")
 		}
 		if err := h.stop(); err != nil {
@@ -174,7 +174,7 @@ func TestServeStdioReconnectsDoNotLeak(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
+		dctx, dcancel := context.WithTimeout(context.Background(), patience)
 		defer dcancel()
 		c, err := Dial(dctx, conn)
 		if err != nil {
@@ -201,7 +201,7 @@ func TestServeStdioReconnectsDoNotLeak(t *testing.T) {
 	}
 	// The last session stays open on the agent's side until the next
 	// marker; everything of the earlier ones is gone.
-	if got := waitGoroutines(base+2, 10*time.Second); got > base+2 {
+	if got := waitGoroutines(base+2, patience); got > base+2 {
 		t.Errorf("goroutines after %d reconnects: got %d, want at most %d; the agent's:\n%s",
 			reconnects, got, base+2, strings.Join(goroutinesMatching("internal/agent."), "\n\n"))
 	}

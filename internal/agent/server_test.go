@@ -213,13 +213,13 @@ func TestExecStdin(t *testing.T) {
 		first := newLineWaiter("one\n")
 		done := make(chan execResult, 1)
 		go func() {
-			done <- runExec(context.Background(), c, ExecRequest{Argv: []string{"cat"}, TimeoutMS: 10_000}, ExecIO{Stdin: pr, Stdout: first.write})
+			done <- runExec(context.Background(), c, ExecRequest{Argv: []string{"cat"}, TimeoutMS: neverMS}, ExecIO{Stdin: pr, Stdout: first.write})
 		}()
 		if _, err := pw.Write([]byte("one\n")); err != nil {
 			t.Fatal(err)
 		}
 		// cat echoes the first line while its stdin is still open.
-		first.waitFor(t, 5*time.Second)
+		first.waitFor(t, patience)
 		select {
 		case r := <-done:
 			t.Fatalf("exec ended before stdin was closed: %+v", r)
@@ -264,22 +264,27 @@ func TestExecTimeoutKillsProcessGroup(t *testing.T) {
 	c, _ := startAgent(t)
 	// The background child ignores SIGTERM and does not share the shell's
 	// stdout: only a kill of the whole group ends it.
-	script := `trap '' TERM; sleep 30 </dev/null >/dev/null 2>&1 & echo $!; wait`
-	r := runExec(context.Background(), c, ExecRequest{Argv: sh(script), TimeoutMS: 300}, ExecIO{})
+	script := `trap '' TERM; sleep 1000 </dev/null >/dev/null 2>&1 & echo $!; wait`
+	// Ready once the child's pid is out: the child runs when the timeout
+	// fires.
+	r := runTimingOut(t, c, ExecRequest{Argv: sh(script), TimeoutMS: 300}, func(r execResult) bool {
+		return strings.HasSuffix(r.stdout, "\n")
+	})
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
 	if want := (Exit{ExitCode: 124, Signal: 9, TimedOut: true}); r.exit != want {
 		t.Errorf("exit: got %+v, want %+v", r.exit, want)
 	}
-	if r.dur < 300*time.Millisecond || r.dur > 3*time.Second {
-		t.Errorf("took %v, want about 300ms", r.dur)
+	// The timeout ended it, not the child's sleep.
+	if r.dur < 300*time.Millisecond || r.dur > patience {
+		t.Errorf("took %v, want its timeout (300 ms or a few times that), far below the child's 1000 s", r.dur)
 	}
 	child, err := strconv.Atoi(strings.TrimSpace(r.stdout))
 	if err != nil {
 		t.Fatalf("background child's pid: %q: %v", r.stdout, err)
 	}
-	if !waitProcessGone(child, 2*time.Second) {
+	if !waitProcessGone(child, patience) {
 		_ = unix.Kill(child, unix.SIGKILL)
 		t.Errorf("background child %d still runs after the timeout", child)
 	}
@@ -294,9 +299,9 @@ func TestExecSignal(t *testing.T) {
 		wantExit   Exit
 		wantStdout string
 	}{
-		{name: "default action", script: "echo ready; exec sleep 30", sig: syscall.SIGTERM, wantExit: Exit{ExitCode: 128 + 15, Signal: 15}, wantStdout: "ready\n"},
-		{name: "trapped", script: "trap 'echo trapped; exit 7' USR1; echo ready; sleep 30 & wait", sig: syscall.SIGUSR1, wantExit: Exit{ExitCode: 7}, wantStdout: "ready\ntrapped\n"},
-		{name: "kill", script: "echo ready; sleep 30", sig: syscall.SIGKILL, wantExit: Exit{ExitCode: 128 + 9, Signal: 9}, wantStdout: "ready\n"},
+		{name: "default action", script: "echo ready; exec sleep 1000", sig: syscall.SIGTERM, wantExit: Exit{ExitCode: 128 + 15, Signal: 15}, wantStdout: "ready\n"},
+		{name: "trapped", script: "trap 'kill $!; echo trapped; exit 7' USR1; sleep 1000 & echo ready; wait", sig: syscall.SIGUSR1, wantExit: Exit{ExitCode: 7}, wantStdout: "ready\ntrapped\n"},
+		{name: "kill", script: "echo ready; sleep 1000", sig: syscall.SIGKILL, wantExit: Exit{ExitCode: 128 + 9, Signal: 9}, wantStdout: "ready\n"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -304,9 +309,9 @@ func TestExecSignal(t *testing.T) {
 			sigs := make(chan int)
 			done := make(chan execResult, 1)
 			go func() {
-				done <- runExec(context.Background(), c, ExecRequest{Argv: sh(tt.script), TimeoutMS: 20_000}, ExecIO{Stdout: ready.write, Signals: sigs})
+				done <- runExec(context.Background(), c, ExecRequest{Argv: sh(tt.script), TimeoutMS: neverMS}, ExecIO{Stdout: ready.write, Signals: sigs})
 			}()
-			ready.waitFor(t, 5*time.Second)
+			ready.waitFor(t, patience)
 			select {
 			case sigs <- int(tt.sig):
 			case r := <-done:
@@ -323,7 +328,7 @@ func TestExecSignal(t *testing.T) {
 				if r.stdout != tt.wantStdout {
 					t.Errorf("stdout: got %q, want %q", r.stdout, tt.wantStdout)
 				}
-			case <-time.After(5 * time.Second):
+			case <-time.After(patience):
 				t.Fatal("process did not end after the signal")
 			}
 		})
@@ -355,9 +360,9 @@ func TestExecCancelKillsProcess(t *testing.T) {
 			}
 			done := make(chan execResult, 1)
 			go func() {
-				done <- runExec(ctx, c, ExecRequest{Argv: sh("echo $$; exec sleep 30"), TimeoutMS: 20_000}, ExecIO{Stdout: stdout})
+				done <- runExec(ctx, c, ExecRequest{Argv: sh("echo $$; exec sleep 1000"), TimeoutMS: neverMS}, ExecIO{Stdout: stdout})
 			}()
-			pid.waitFor(t, 5*time.Second)
+			pid.waitFor(t, patience)
 			n, err := strconv.Atoi(strings.TrimSpace(pid.String()))
 			if err != nil {
 				t.Fatalf("pid: %q: %v", pid.String(), err)
@@ -368,7 +373,7 @@ func TestExecCancelKillsProcess(t *testing.T) {
 			var r execResult
 			select {
 			case r = <-done:
-			case <-time.After(5 * time.Second):
+			case <-time.After(patience):
 				t.Fatal("Exec did not return after its caller went away")
 			}
 			// Either the caller sees its own error, or the agent's report
@@ -376,7 +381,7 @@ func TestExecCancelKillsProcess(t *testing.T) {
 			if r.err == nil && r.exit.Signal != int(unix.SIGKILL) {
 				t.Errorf("got %+v, want an error or a SIGKILL exit", r.exit)
 			}
-			if !waitProcessGone(n, 3*time.Second) {
+			if !waitProcessGone(n, patience) {
 				_ = unix.Kill(n, unix.SIGKILL)
 				t.Errorf("process %d still runs after its caller went away", n)
 			}
@@ -386,23 +391,24 @@ func TestExecCancelKillsProcess(t *testing.T) {
 
 func TestExecBackgroundChildKeepsStdoutOpen(t *testing.T) {
 	c, _ := startAgent(t)
-	// The child inherits stdout and stderr and outlives the shell.
-	r := runExec(context.Background(), c, ExecRequest{Argv: sh("sleep 10 & echo $!; echo done >&2"), TimeoutMS: 20_000}, ExecIO{})
+	// The child inherits stdout and stderr and outlives the shell: the exec
+	// ends (exit 0, not at its timeout) while the child still runs.
+	r := runExec(context.Background(), c, ExecRequest{Argv: sh("sleep 1000 & echo $!; echo done >&2"), TimeoutMS: patience.Milliseconds()}, ExecIO{})
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
 	child, err := strconv.Atoi(strings.TrimSpace(r.stdout))
 	if err == nil {
 		t.Cleanup(func() { _ = unix.Kill(child, unix.SIGKILL) })
+		if processGone(child) {
+			t.Errorf("background child %d gone when the exec returned after %v: the exec waited for it", child, r.dur)
+		}
 	}
 	if r.exit != (Exit{}) {
 		t.Errorf("exit: got %+v, want exit 0", r.exit)
 	}
 	if err != nil || r.stderr != "done\n" {
 		t.Errorf("output: got stdout %q stderr %q, want a pid and %q", r.stdout, r.stderr, "done\n")
-	}
-	if r.dur > outputGrace+time.Second {
-		t.Errorf("took %v, want at most about %v", r.dur, outputGrace)
 	}
 }
 
@@ -418,7 +424,7 @@ func TestExecConcurrent(t *testing.T) {
 				stdin = strings.NewReader(strings.Repeat("x", i*1000))
 			}
 			script := fmt.Sprintf("echo out-%d; echo err-%d >&2; wc -c; exit %d", i, i, i)
-			r := runExec(context.Background(), c, ExecRequest{Argv: sh(script), TimeoutMS: 30_000}, ExecIO{Stdin: stdin})
+			r := runExec(context.Background(), c, ExecRequest{Argv: sh(script), TimeoutMS: patience.Milliseconds()}, ExecIO{Stdin: stdin})
 			wantIn := 0
 			if stdin != nil {
 				wantIn = i * 1000
@@ -458,28 +464,28 @@ func TestClientSessionClosed(t *testing.T) {
 			pid := newLineWaiter("\n")
 			done := make(chan execResult, 1)
 			go func() {
-				done <- runExec(context.Background(), c, ExecRequest{Argv: sh("echo $$; exec sleep 30"), TimeoutMS: 20_000}, ExecIO{Stdout: pid.write})
+				done <- runExec(context.Background(), c, ExecRequest{Argv: sh("echo $$; exec sleep 1000"), TimeoutMS: neverMS}, ExecIO{Stdout: pid.write})
 			}()
-			pid.waitFor(t, 5*time.Second)
+			pid.waitFor(t, patience)
 			tt.goAway(a)
 			select {
 			case r := <-done:
 				if !errors.Is(r.err, ErrSessionClosed) {
 					t.Errorf("Exec: got %+v, %v, want ErrSessionClosed", r.exit, r.err)
 				}
-			case <-time.After(5 * time.Second):
+			case <-time.After(patience):
 				t.Fatal("Exec did not return after the session ended")
 			}
 			select {
 			case <-c.Closed():
-			case <-time.After(5 * time.Second):
+			case <-time.After(patience):
 				t.Error("Closed() not closed after the session ended")
 			}
 			if _, err := c.Ping(context.Background()); err == nil {
 				t.Error("Ping on a closed session: got nil error")
 			}
 			// The agent does not leave the caller-less process running.
-			if n, err := strconv.Atoi(strings.TrimSpace(pid.String())); err == nil && !waitProcessGone(n, 3*time.Second) {
+			if n, err := strconv.Atoi(strings.TrimSpace(pid.String())); err == nil && !waitProcessGone(n, patience) {
 				_ = unix.Kill(n, unix.SIGKILL)
 				t.Errorf("process %d still runs after its session ended", n)
 			}
@@ -525,7 +531,7 @@ func TestPingHonoursContextWhenAgentHangs(t *testing.T) {
 		if !errors.Is(err, context.DeadlineExceeded) {
 			t.Errorf("got %v, want context.DeadlineExceeded", err)
 		}
-	case <-time.After(2 * time.Second):
+	case <-time.After(patience):
 		t.Fatal("Ping did not return after its context ended")
 	}
 }
@@ -543,22 +549,25 @@ func TestExecCancelWhileStdinBackedUp(t *testing.T) {
 	pid := newLineWaiter("\n")
 	done := make(chan execResult, 1)
 	go func() {
-		done <- runExec(ctx, c, ExecRequest{Argv: sh("echo $$; exec sleep 10"), TimeoutMS: 20_000},
+		done <- runExec(ctx, c, ExecRequest{Argv: sh("echo $$; exec sleep 1000"), TimeoutMS: neverMS},
 			ExecIO{Stdout: pid.write, Stdin: strings.NewReader(strings.Repeat("x", 1<<20))})
 	}()
-	pid.waitFor(t, 5*time.Second)
+	pid.waitFor(t, patience)
 	n, err := strconv.Atoi(strings.TrimSpace(pid.String()))
 	if err != nil {
 		t.Fatalf("pid: %q: %v", pid.String(), err)
 	}
-	time.Sleep(100 * time.Millisecond) // let stdin fill the pipe
+	t.Cleanup(func() { _ = unix.Kill(n, unix.SIGKILL) })
+	// The process never reads: wait until its stdin pipe is full, so that
+	// the agent's writer is blocked when the caller goes away.
+	waitPipeFull(t, n, 0)
 	cancel()
 	select {
 	case <-done:
-	case <-time.After(3 * time.Second):
+	case <-time.After(patience):
 		t.Error("Exec did not return after its context was cancelled")
 	}
-	if !waitProcessGone(n, time.Second) {
+	if !waitProcessGone(n, patience) {
 		_ = unix.Kill(n, unix.SIGKILL)
 		t.Errorf("process %d still runs after its caller went away", n)
 	}
@@ -726,8 +735,39 @@ func TestExecBackgroundWriterDoesNotHoldExec(t *testing.T) {
 		t.Errorf("exit: got %+v, want exit 0", r.exit)
 	}
 	// Once the exec closed its end, the writer dies of SIGPIPE.
-	if !waitProcessGone(child, 10*time.Second) {
+	if !waitProcessGone(child, patience) {
 		t.Errorf("background writer %d still runs after the exec closed its pipe", child)
+	}
+}
+
+// waitPipeFull waits until the pipe that is descriptor fd of process pid
+// holds as many bytes as it can (its writer blocks), or fails the test
+// after patience. It opens the pipe through /proc for FIONREAD and reads
+// nothing.
+func waitPipeFull(t *testing.T, pid, fd int) {
+	t.Helper()
+	f, err := os.OpenFile(fmt.Sprintf("/proc/%d/fd/%d", pid, fd), os.O_RDONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatalf("opening the pipe: %v", err)
+	}
+	defer f.Close()
+	size, err := unix.FcntlInt(f.Fd(), unix.F_GETPIPE_SZ, 0)
+	if err != nil {
+		t.Fatalf("pipe size: %v", err)
+	}
+	deadline := time.Now().Add(patience)
+	for {
+		n, err := unix.IoctlGetInt(int(f.Fd()), unix.TIOCINQ) // FIONREAD
+		if err != nil {
+			t.Fatalf("bytes in the pipe: %v", err)
+		}
+		if n >= size {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the pipe holds %d of %d bytes after %v", n, size, patience)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -773,6 +813,9 @@ func TestExecKillsEscapedProcesses(t *testing.T) {
 	// process group, so `setsid cmd &` (a new session, hence a new group)
 	// inside an exec ran on.
 	c, _ := startAgent(t)
+	// Each escaped process touches $READY once it runs in its new session:
+	// a timeout that fired before (a slow machine) proves nothing, and the
+	// command runs again with a longer one.
 	tests := []struct {
 		name      string
 		script    string
@@ -780,10 +823,10 @@ func TestExecKillsEscapedProcesses(t *testing.T) {
 		// cancelOnReady: the caller goes away once "ready" is printed.
 		cancelOnReady bool
 	}{
-		{name: "new session, timeout", script: "setsid sh -c 'sleep 1000' & sleep 1000", timeoutMS: 1000},
-		{name: "new session without the exec's pipes, timeout", script: "setsid sh -c 'sleep 1000' </dev/null >/dev/null 2>&1 & sleep 1000", timeoutMS: 1000},
-		{name: "double fork holding the output pipe, timeout", script: "(setsid sleep 1000 &); sleep 1000", timeoutMS: 1000},
-		{name: "new session, caller gone", script: "setsid sh -c 'sleep 1000' & echo ready; sleep 1000", timeoutMS: 60_000, cancelOnReady: true},
+		{name: "new session, timeout", script: `setsid sh -c 'touch "$READY"; sleep 1000' & sleep 1000`, timeoutMS: 1000},
+		{name: "new session without the exec's pipes, timeout", script: `setsid sh -c 'touch "$READY"; sleep 1000' </dev/null >/dev/null 2>&1 & sleep 1000`, timeoutMS: 1000},
+		{name: "double fork holding the output pipe, timeout", script: `(setsid sh -c 'touch "$READY"; exec sleep 1000' &); sleep 1000`, timeoutMS: 1000},
+		{name: "new session, caller gone", script: `setsid sh -c 'touch "$READY"; sleep 1000' & until [ -e "$READY" ]; do sleep 0.01; done; echo ready; sleep 1000`, timeoutMS: neverMS, cancelOnReady: true},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -793,27 +836,34 @@ func TestExecKillsEscapedProcesses(t *testing.T) {
 					_ = unix.Kill(pid, unix.SIGKILL)
 				}
 			})
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			ready := newLineWaiter("ready\n")
-			done := make(chan execResult, 1)
-			go func() {
-				done <- runExec(ctx, c, ExecRequest{Argv: sh(tt.script), Env: []string{mark}, TimeoutMS: tt.timeoutMS}, ExecIO{Stdout: ready.write})
-			}()
-			if tt.cancelOnReady {
-				ready.waitFor(t, 20*time.Second)
-				cancel()
-			}
+			readyFile := filepath.Join(t.TempDir(), "ready")
+			env := []string{mark, "READY=" + readyFile}
 			var r execResult
-			select {
-			case r = <-done:
-			case <-time.After(60 * time.Second):
-				t.Fatal("exec did not end")
+			if tt.cancelOnReady {
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				ready := newLineWaiter("ready\n")
+				done := make(chan execResult, 1)
+				go func() {
+					done <- runExec(ctx, c, ExecRequest{Argv: sh(tt.script), Env: env, TimeoutMS: tt.timeoutMS}, ExecIO{Stdout: ready.write})
+				}()
+				ready.waitFor(t, patience)
+				cancel()
+				select {
+				case r = <-done:
+				case <-time.After(patience):
+					t.Fatal("exec did not end after its caller went away")
+				}
+			} else {
+				r = runTimingOut(t, c, ExecRequest{Argv: sh(tt.script), Env: env, TimeoutMS: tt.timeoutMS}, func(execResult) bool {
+					_, err := os.Stat(readyFile)
+					return err == nil
+				})
+				if r.err != nil || !r.exit.TimedOut {
+					t.Errorf("got %+v, %v, want a timeout", r.exit, r.err)
+				}
 			}
-			if !tt.cancelOnReady && (r.err != nil || !r.exit.TimedOut) {
-				t.Errorf("got %+v, %v, want a timeout", r.exit, r.err)
-			}
-			if left := waitNoProcessesWithEnv(mark, 10*time.Second); len(left) > 0 {
+			if left := waitNoProcessesWithEnv(mark, patience); len(left) > 0 {
 				var cmds []string
 				for _, pid := range left {
 					b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))

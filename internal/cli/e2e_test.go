@@ -42,7 +42,7 @@ func TestCLIRealServer(t *testing.T) {
 		t.Errorf("run past its timeout: got %v (%q), want exit 124", err, out)
 	}
 
-	out, _, err = cli("sandbox", "create", "--ttl", "60", "--metadata", "job=e2e")
+	out, _, err = cli("sandbox", "create", "--ttl", "600", "--metadata", "job=e2e")
 	if err != nil {
 		t.Fatalf("create: %v", err)
 	}

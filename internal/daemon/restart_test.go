@@ -69,15 +69,16 @@ func startProc(t *testing.T, dataDir string, extra ...string) *proc {
 		}
 	})
 	url := fmt.Sprintf("http://127.0.0.1:%d", port)
-	for i := 0; ; i++ {
+	// The start reconciles what an earlier daemon left: give it patience.
+	for deadline := time.Now().Add(patience); ; {
 		resp, err := http.Get(url + "/v1/health")
 		if err == nil {
 			resp.Body.Close()
 			break
 		}
-		if i > 300 {
+		if time.Now().After(deadline) {
 			b, _ := os.ReadFile(logPath)
-			t.Fatalf("server did not start: %v\n%s", err, b)
+			t.Fatalf("server did not start within %v: %v\n%s", patience, err, b)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -101,8 +102,8 @@ func (p *proc) stop(t *testing.T, sig syscall.Signal) {
 		if sig == syscall.SIGTERM && err != nil {
 			t.Errorf("server exited with %v after SIGTERM", err)
 		}
-	case <-time.After(20 * time.Second):
-		t.Fatalf("server still running 20s after %v", sig)
+	case <-time.After(patience):
+		t.Fatalf("server still running %v after %v", patience, sig)
 	}
 }
 
@@ -138,14 +139,15 @@ func TestCrashRecovery(t *testing.T) {
 	dataDir := t.TempDir()
 	t.Cleanup(func() { exec.Command("umount", "-l", filepath.Join(dataDir, "runtime", "runsc", "null-netns")).Run() })
 	p1 := startProc(t, dataDir)
-	a := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120, Metadata: map[string]string{"name": "a"}})
+	a := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 1800, Metadata: map[string]string{"name": "a"}})
 	short := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 4})
-	paused := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120})
+	paused := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 1800})
 	p1.Exec(t, paused.ID, wire.ExecRequest{Cmd: "echo asleep > /root/p"})
 	if resp, b := p1.Do(t, "POST", "/v1/sandboxes/"+paused.ID+"/pause", nil); resp.StatusCode != 200 {
 		t.Fatalf("pause: %d %s", resp.StatusCode, b)
 	}
-	if res := p1.Exec(t, a.ID, wire.ExecRequest{Cmd: "echo kept > /root/f; (setsid sleep 1000 >/dev/null 2>&1 &); echo started"}); res.ExitCode != 0 {
+	if res := p1.Exec(t, a.ID, wire.ExecRequest{Cmd: "echo kept > /root/f; (setsid sleep 1000 >/dev/null 2>&1 &); until pgrep -x sleep >/dev/null; do sleep 0.05; done; echo started",
+		TimeoutSeconds: patience.Seconds()}); res.ExitCode != 0 {
 		t.Fatalf("setup exec: %+v", res)
 	}
 
@@ -199,30 +201,17 @@ func TestCrashRecovery(t *testing.T) {
 	if res := p2.Exec(t, paused.ID, wire.ExecRequest{Cmd: "cat /root/p"}); res.Stdout != "asleep\n" {
 		t.Errorf("paused sandbox after restart: %+v", res)
 	}
-	// The re-adopted short-lived sandbox still expires on time.
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if resp, _ := p2.Do(t, "GET", "/v1/sandboxes/"+short.ID, nil); resp.StatusCode == 404 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("re-adopted sandbox outlived its TTL")
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	// The record is written as the sandbox leaves the API; allow the write
-	// a moment to land.
-	for i := 0; ; i++ {
+	// The re-adopted short-lived sandbox still expires (if a slow machine
+	// took longer than its TTL to get here, it expired already).
+	waitUntil(t, "re-adopted sandbox gone after its TTL", func() (bool, string) {
+		resp, b := p2.Do(t, "GET", "/v1/sandboxes/"+short.ID, nil)
+		return resp.StatusCode == 404, fmt.Sprintf("%d %s", resp.StatusCode, b)
+	})
+	// The record is written as the sandbox leaves the API: wait for it.
+	waitUntil(t, "expired record", func() (bool, string) {
 		s := recordState(t, dataDir, short.ID)
-		if s == wire.StateExpired {
-			break
-		}
-		if i == 20 {
-			t.Errorf("expired record: state %q, want %q", s, wire.StateExpired)
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return s == wire.StateExpired, "state " + s
+	})
 
 	// A graceful stop destroys the sandboxes by default.
 	p2.stop(t, syscall.SIGTERM)
@@ -245,7 +234,7 @@ func TestShutdownActions(t *testing.T) {
 			dataDir := t.TempDir()
 			t.Cleanup(func() { exec.Command("umount", "-l", filepath.Join(dataDir, "runtime", "runsc", "null-netns")).Run() })
 			p1 := startProc(t, dataDir, "--on-shutdown", action)
-			sb := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120})
+			sb := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 1800})
 			p1.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo 7 > /tmp/n"})
 			p1.stop(t, syscall.SIGTERM)
 			wantState := map[string]string{"keep": wire.StateRunning, "pause": wire.StatePaused}[action]

@@ -15,13 +15,20 @@ import (
 )
 
 // counterCmd starts a process that keeps a counter in its memory and
-// writes it to /tmp/count every 50 ms.
-const counterCmd = "(setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' >/dev/null 2>&1 &); sleep 0.3"
+// writes it to /tmp/count every 50 ms, and returns once it has.
+const counterCmd = "(setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' >/dev/null 2>&1 &); until [ -s /tmp/count ]; do sleep 0.05; done"
+
+// execCounter runs one of the counter's commands, which wait for it within
+// the exec's timeout.
+func execCounter(t *testing.T, s *daemontest.Server, id, cmd string) wire.ExecResult {
+	t.Helper()
+	return s.Exec(t, id, wire.ExecRequest{Cmd: cmd, TimeoutSeconds: patience.Seconds()})
+}
 
 func count(t *testing.T, s *daemontest.Server, id string) int {
 	t.Helper()
 	// The writer truncates before it writes: an empty read is retried.
-	res := s.Exec(t, id, wire.ExecRequest{Cmd: "for i in 1 2 3 4 5 6 7 8 9 10; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; sleep 0.01; done; echo $c"})
+	res := execCounter(t, s, id, "until c=$(cat /tmp/count) && [ -n \"$c\" ]; do sleep 0.01; done; echo $c")
 	n, err := strconv.Atoi(strings.TrimSpace(res.Stdout))
 	if err != nil {
 		t.Fatalf("reading counter of %s: %q (%+v)", id, res.Stdout, res)
@@ -30,15 +37,17 @@ func count(t *testing.T, s *daemontest.Server, id string) int {
 }
 
 // counting checks that the counter process runs and kept its memory: the
-// counter goes on from at least min.
+// counter is at least min and goes on (within patience).
 func counting(t *testing.T, s *daemontest.Server, id string, min int) {
 	t.Helper()
 	a := count(t, s, id)
-	time.Sleep(300 * time.Millisecond)
-	b := count(t, s, id)
-	if a < min || b <= a {
-		t.Errorf("%s: counter %d then %d, want ≥ %d and growing", id, a, b, min)
+	if a < min {
+		t.Errorf("%s: counter %d, want ≥ %d", id, a, min)
 	}
+	waitUntil(t, id+": counter growing from "+strconv.Itoa(a), func() (bool, string) {
+		b := count(t, s, id)
+		return b > a, "counter " + strconv.Itoa(b)
+	})
 }
 
 func post[T any](t *testing.T, s *daemontest.Server, path string, body any, want int) T {
@@ -57,7 +66,7 @@ func post[T any](t *testing.T, s *daemontest.Server, path string, body any, want
 func TestSnapshotAndCreateFromIt(t *testing.T) {
 	s := daemontest.Start(t, nil)
 	src := s.Create(t, wire.CreateSandboxRequest{Env: map[string]string{"ORIGIN": "src"}})
-	s.Exec(t, src.ID, wire.ExecRequest{Cmd: "echo saved > /root/f; " + counterCmd})
+	execCounter(t, s, src.ID, "echo saved > /root/f; "+counterCmd)
 	before := count(t, s, src.ID)
 
 	snap := post[wire.Snapshot](t, s, "/v1/sandboxes/"+src.ID+"/snapshot", nil, http.StatusCreated)
@@ -66,7 +75,7 @@ func TestSnapshotAndCreateFromIt(t *testing.T) {
 	}
 	counting(t, s, src.ID, before) // the source keeps running
 
-	sb := s.Create(t, wire.CreateSandboxRequest{SnapshotID: snap.ID, TTLSeconds: 60})
+	sb := s.Create(t, wire.CreateSandboxRequest{SnapshotID: snap.ID, TTLSeconds: 900})
 	if sb.ID == src.ID || sb.Template != "base" {
 		t.Fatalf("created from snapshot: %+v", sb)
 	}
@@ -78,8 +87,8 @@ func TestSnapshotAndCreateFromIt(t *testing.T) {
 
 	resp, b := s.Do(t, "GET", "/v1/snapshots", nil)
 	var list wire.SnapshotList
-	if json.Unmarshal(b, &list); resp.StatusCode != 200 || len(list.Snapshots) != 1 || list.Snapshots[0].ID != snap.ID {
-		t.Errorf("list: %d %s", resp.StatusCode, b)
+	if err := json.Unmarshal(b, &list); err != nil || resp.StatusCode != 200 || len(list.Snapshots) != 1 || list.Snapshots[0].ID != snap.ID {
+		t.Errorf("list: %d %s (%v)", resp.StatusCode, b, err)
 	}
 	other := s.WithTenant(t, "other")
 	for _, c := range []struct{ method, path string }{{"GET", "/v1/snapshots/" + snap.ID}, {"DELETE", "/v1/snapshots/" + snap.ID}} {
@@ -105,11 +114,13 @@ func TestSnapshotAndCreateFromIt(t *testing.T) {
 
 func TestFork(t *testing.T) {
 	s := daemontest.Start(t, nil)
-	parent := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120})
-	s.Exec(t, parent.ID, wire.ExecRequest{Cmd: "echo parent > /root/f; " + counterCmd})
+	parent := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 900})
+	execCounter(t, s, parent.ID, "echo parent > /root/f; "+counterCmd)
 	before := count(t, s, parent.ID)
 
-	fr := post[wire.ForkResponse](t, s, "/v1/sandboxes/"+parent.ID+"/fork", wire.ForkRequest{Count: 2, TTLSeconds: 30}, http.StatusCreated)
+	forkedAt := time.Now()
+	fr := post[wire.ForkResponse](t, s, "/v1/sandboxes/"+parent.ID+"/fork", wire.ForkRequest{Count: 2, TTLSeconds: 600}, http.StatusCreated)
+	forkedBy := time.Now()
 	if len(fr.Sandboxes) != 2 {
 		t.Fatalf("fork: got %d sandboxes", len(fr.Sandboxes))
 	}
@@ -120,8 +131,9 @@ func TestFork(t *testing.T) {
 	})
 	random := map[string]bool{}
 	for i, c := range fr.Sandboxes {
-		if c.ID == parent.ID || time.Until(c.ExpiresAt) > 31*time.Second {
-			t.Errorf("fork %d: %+v", i, c)
+		// Each fork expires 600 s after its fork request.
+		if c.ID == parent.ID || c.ExpiresAt.Before(forkedAt.Add(599*time.Second)) || c.ExpiresAt.After(forkedBy.Add(601*time.Second)) {
+			t.Errorf("fork %d: %+v, want a new id and a TTL of 600 s from %v", i, c, forkedAt)
 		}
 		res := s.Exec(t, c.ID, wire.ExecRequest{Cmd: "cat /root/f; hostname; echo child" + strconv.Itoa(i) + " > /root/f; head -c 16 /dev/urandom | od -An -x"})
 		lines := strings.Split(strings.TrimSpace(res.Stdout), "\n")
@@ -146,20 +158,39 @@ func TestFork(t *testing.T) {
 	}
 	counting(t, s, parent.ID, before)
 
-	for _, body := range []string{`{"count":0}`, `{"count":17}`, `{"count":-1}`} {
-		if body == `{"count":0}` {
-			continue // 0 means 1
+	for _, c := range []struct {
+		body string
+		want int // status; on 201, one fork
+	}{
+		{`{"count":0}`, http.StatusCreated}, // 0 means 1
+		{`{"count":17}`, http.StatusBadRequest},
+		{`{"count":-1}`, http.StatusBadRequest},
+	} {
+		resp, b := s.Do(t, "POST", "/v1/sandboxes/"+parent.ID+"/fork", c.body)
+		if resp.StatusCode != c.want {
+			t.Errorf("fork %s: %d %s, want %d", c.body, resp.StatusCode, b, c.want)
+			continue
 		}
-		if resp, b := s.Do(t, "POST", "/v1/sandboxes/"+parent.ID+"/fork", body); resp.StatusCode != 400 {
-			t.Errorf("fork %s: %d %s, want 400", body, resp.StatusCode, b)
+		if c.want != http.StatusCreated {
+			continue
+		}
+		var one wire.ForkResponse
+		if err := json.Unmarshal(b, &one); err != nil {
+			t.Fatalf("fork %s: %v: %s", c.body, err, b)
+		}
+		for _, sb := range one.Sandboxes {
+			s.Do(t, "DELETE", "/v1/sandboxes/"+sb.ID, nil)
+		}
+		if len(one.Sandboxes) != 1 {
+			t.Errorf("fork %s: got %d sandboxes, want 1", c.body, len(one.Sandboxes))
 		}
 	}
 }
 
 func TestPauseResumeThreeTimes(t *testing.T) {
 	s := daemontest.Start(t, nil)
-	sb := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 120})
-	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: counterCmd})
+	sb := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 900})
+	execCounter(t, s, sb.ID, counterCmd)
 	last := count(t, s, sb.ID)
 	for round := 1; round <= 3; round++ {
 		s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo " + strconv.Itoa(round) + " > /root/file" + strconv.Itoa(round)})
@@ -215,25 +246,41 @@ func TestOnTimeoutPause(t *testing.T) {
 		t.Fatalf("created %+v", sb)
 	}
 	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo kept > /root/f"})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	paused := func() (bool, string) {
 		resp, b := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
-		if resp.StatusCode == 200 && strings.Contains(string(b), `"state":"paused"`) {
+		if resp.StatusCode != 200 {
+			t.Fatalf("get: %d %s", resp.StatusCode, b)
+		}
+		return strings.Contains(string(b), `"state":"paused"`), string(b)
+	}
+	waitUntil(t, "paused at its TTL", paused)
+	// An exec resumes it, and the resume restarts its 2 s TTL. A slow
+	// machine may take longer than that to look, and find it paused
+	// again; then it tries again.
+	for deadline := time.Now().Add(patience); ; {
+		start := time.Now()
+		if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /root/f"}); res.Stdout != "kept\n" {
+			t.Errorf("after auto-resume: %+v", res)
+		}
+		resp, b := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
+		var got wire.Sandbox
+		if err := json.Unmarshal(b, &got); err != nil || resp.StatusCode != 200 {
+			t.Fatalf("after resume: %d %s (%v)", resp.StatusCode, b, err)
+		}
+		if got.State == wire.StateRunning {
+			if lo := start.Add(time.Second); got.ExpiresAt.Before(lo) {
+				t.Errorf("after resume: expires at %v, want the 2 s TTL restarted at the resume (after %v)", got.ExpiresAt, lo)
+			}
 			break
 		}
-		if resp.StatusCode != 200 || time.Now().After(deadline) {
-			t.Fatalf("not paused at its TTL: %d %s", resp.StatusCode, b)
+		if got.State != wire.StatePaused || time.Since(start) < 2*time.Second {
+			t.Fatalf("%v after the exec that resumed it: %s; want running with its TTL restarted", time.Since(start), b)
 		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /root/f"}); res.Stdout != "kept\n" {
-		t.Errorf("after auto-resume: %+v", res)
-	}
-	resp, b := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
-	var got wire.Sandbox
-	_ = json.Unmarshal(b, &got)
-	if resp.StatusCode != 200 || got.State != wire.StateRunning || time.Until(got.ExpiresAt) <= 0 {
-		t.Errorf("after resume: %d %s", resp.StatusCode, b)
+		if time.Now().After(deadline) {
+			t.Fatalf("never seen running after a resume within its 2 s TTL in %v", patience)
+		}
+		t.Logf("paused again %v after the resume (a slow machine): again", time.Since(start))
+		waitUntil(t, "paused at its TTL", paused)
 	}
 	if resp, b := s.Do(t, "POST", "/v1/sandboxes", `{"on_timeout":"sleep"}`); resp.StatusCode != 400 {
 		t.Errorf("bad on_timeout: %d %s", resp.StatusCode, b)
@@ -244,7 +291,7 @@ func TestOnTimeoutPause(t *testing.T) {
 func TestForkLargeMemory(t *testing.T) {
 	testenv.Template(t, "code-interpreter")
 	s := daemontest.Start(t, nil)
-	sb := s.Create(t, wire.CreateSandboxRequest{Template: "code-interpreter", MemoryMB: 2048, TTLSeconds: 120})
+	sb := s.Create(t, wire.CreateSandboxRequest{Template: "code-interpreter", MemoryMB: 2048, TTLSeconds: 900})
 	// A server process holding 200 MB answers checksums of it through files.
 	py := `import hashlib, os, time
 data = bytearray(os.urandom(1 << 20)) * 200
@@ -256,10 +303,10 @@ while True:
         open("/tmp/answer", "w").write(hashlib.sha256(data).hexdigest())
     time.sleep(0.02)
 `
-	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat > /tmp/srv.py; (setsid python3 /tmp/srv.py >/dev/null 2>&1 &); while [ ! -s /tmp/sum ]; do sleep 0.1; done; cat /tmp/sum", Stdin: py, TimeoutSeconds: 60})
+	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat > /tmp/srv.py; (setsid python3 /tmp/srv.py >/dev/null 2>&1 &); while [ ! -s /tmp/sum ]; do sleep 0.1; done; cat /tmp/sum", Stdin: py, TimeoutSeconds: patience.Seconds()})
 	ask := func(id string) string {
 		t.Helper()
-		res := s.Exec(t, id, wire.ExecRequest{Cmd: "rm -f /tmp/answer; touch /tmp/ask; while [ ! -s /tmp/answer ]; do sleep 0.02; done; cat /tmp/answer", TimeoutSeconds: 30})
+		res := s.Exec(t, id, wire.ExecRequest{Cmd: "rm -f /tmp/answer; touch /tmp/ask; while [ ! -s /tmp/answer ]; do sleep 0.02; done; cat /tmp/answer", TimeoutSeconds: patience.Seconds()})
 		return res.Stdout
 	}
 	fr := post[wire.ForkResponse](t, s, "/v1/sandboxes/"+sb.ID+"/fork", wire.ForkRequest{Count: 2}, http.StatusCreated)

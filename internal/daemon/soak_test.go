@@ -71,16 +71,19 @@ func countHost(t *testing.T, s *daemontest.Server) hostCounts {
 	return c
 }
 
-// settle waits until the counts come back to the baseline: teardown of a
-// sandbox finishes a little after its kill returns.
+// settle waits (within patience) until the counts come back to the
+// baseline: teardown of a sandbox finishes a little after its kill returns.
 func settle(t *testing.T, s *daemontest.Server, before hostCounts) hostCounts {
 	t.Helper()
 	var after hostCounts
-	for range 50 {
+	for deadline := time.Now().Add(patience); ; {
 		after = countHost(t, s)
 		if after.runscProcs <= before.runscProcs && after.mounts <= before.mounts &&
 			after.cgroups <= before.cgroups && after.sandboxDirs <= before.sandboxDirs &&
 			after.goroutines <= before.goroutines+20 && after.fds <= before.fds+10 {
+			break
+		}
+		if time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -152,7 +155,9 @@ func TestConcurrentClients(t *testing.T) {
 			if resp, b := s.Do(t, "POST", "/v1/sandboxes/"+sb.ID+"/timeout", wire.SetTimeoutRequest{TTLSeconds: 60}); resp.StatusCode != 200 {
 				fail("client %d timeout: %d %s", i, resp.StatusCode, b)
 			}
-			// Half the clients race a kill against an exec.
+			// Half the clients race a kill against an exec (the sleep
+			// below only makes an overlap likely; every outcome of the
+			// race is accepted).
 			if i%2 == 0 {
 				var inner sync.WaitGroup
 				inner.Add(1)
@@ -180,8 +185,9 @@ func TestConcurrentClients(t *testing.T) {
 	go func() { wg.Wait(); close(done) }()
 	select {
 	case <-done:
-	case <-time.After(3 * time.Minute):
-		t.Fatal("clients still running after 3 minutes: deadlock?")
+	case <-time.After(15 * time.Minute):
+		// Generous: 50 creates on a slow machine take minutes.
+		t.Fatal("clients still running after 15 minutes: deadlock?")
 	}
 	if failures.Load() > 0 {
 		return
@@ -251,14 +257,10 @@ func TestSoakNoLeaks(t *testing.T) {
 	close(jobs)
 	wg.Wait()
 	// Let expiries and crash cleanups finish.
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
+	waitUntil(t, "every sandbox expired, killed or cleaned up after its crash", func() (bool, string) {
 		resp, b := s.Do(t, "GET", "/v1/sandboxes", nil)
-		if resp.StatusCode == 200 && strings.Contains(string(b), `"sandboxes":[]`) {
-			break
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return resp.StatusCode == 200 && strings.Contains(string(b), `"sandboxes":[]`), fmt.Sprintf("%d %.300s", resp.StatusCode, b)
+	})
 	t.Logf("%d sandboxes in %v", n, time.Since(start))
 	if bad.Load() > 0 {
 		return

@@ -24,7 +24,7 @@ func TestRealServer(t *testing.T) {
 		t.Fatalf("health: %+v %v", h, err)
 	}
 	sb, err := c.Create(ctx, pandastack.CreateOptions{
-		TTL: time.Minute, Env: map[string]string{"WHO": "sdk"}, Metadata: map[string]string{"k": "v"}, MemoryMB: 512,
+		TTL: 10 * time.Minute, Env: map[string]string{"WHO": "sdk"}, Metadata: map[string]string{"k": "v"}, MemoryMB: 512,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -34,14 +34,34 @@ func TestRealServer(t *testing.T) {
 		t.Errorf("info: %+v", info)
 	}
 
+	// The command writes stderr only once the test, having seen its
+	// stdout in the callback, creates a file (it gives up after 60 s):
+	// the callbacks come in order and while the command runs, however
+	// fast the machine.
 	var mu sync.Mutex
 	var chunks []string
-	res, err := sb.Exec(ctx, "echo $WHO; sleep 0.3; echo done >&2", pandastack.ExecOptions{
-		OnStdout: func(s string) { mu.Lock(); chunks = append(chunks, "out:"+s); mu.Unlock() },
+	var once sync.Once
+	touched := make(chan error, 1)
+	res, err := sb.Exec(ctx, "echo $WHO; i=0; until [ -e /tmp/go ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done; [ -e /tmp/go ] && echo done >&2", pandastack.ExecOptions{
+		Timeout: 5 * time.Minute,
+		OnStdout: func(s string) {
+			mu.Lock()
+			chunks = append(chunks, "out:"+s)
+			mu.Unlock()
+			once.Do(func() {
+				go func() {
+					_, err := sb.ExecArgv(ctx, []string{"touch", "/tmp/go"}, pandastack.ExecOptions{})
+					touched <- err
+				}()
+			})
+		},
 		OnStderr: func(s string) { mu.Lock(); chunks = append(chunks, "err:"+s); mu.Unlock() },
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if err := <-touched; err != nil {
+		t.Fatalf("touch: %v", err)
 	}
 	if res.Stdout != "sdk\n" || res.Stderr != "done\n" || res.ExitCode != 0 {
 		t.Errorf("streamed exec: %+v", res)
@@ -53,7 +73,7 @@ func TestRealServer(t *testing.T) {
 	if err != nil || res.Stdout != "piped" {
 		t.Errorf("argv with stdin: %+v %v", res, err)
 	}
-	res, err = sb.Exec(ctx, "sleep 5", pandastack.ExecOptions{Timeout: 300 * time.Millisecond})
+	res, err = sb.Exec(ctx, "sleep 1000", pandastack.ExecOptions{Timeout: 300 * time.Millisecond})
 	if err != nil || !res.TimedOut || res.ExitCode != 124 {
 		t.Errorf("timeout: %+v %v", res, err)
 	}
@@ -66,8 +86,12 @@ func TestRealServer(t *testing.T) {
 	if err != nil || len(list) != 1 || list[0].ID != sb.ID() {
 		t.Errorf("list: %+v %v", list, err)
 	}
-	if err := sb.SetTimeout(ctx, 10*time.Minute); err != nil || time.Until(sb.Info().ExpiresAt) < 9*time.Minute {
-		t.Errorf("set timeout: %v, expires %v", err, sb.Info().ExpiresAt)
+	// The new expiry is 10 min from the request, whenever it is handled.
+	before := time.Now()
+	err = sb.SetTimeout(ctx, 10*time.Minute)
+	after := time.Now()
+	if exp := sb.Info().ExpiresAt; err != nil || exp.Before(before.Add(10*time.Minute-time.Second)) || exp.After(after.Add(10*time.Minute+time.Second)) {
+		t.Errorf("set timeout: %v, expires %v, want 10 min after %v", err, exp, before)
 	}
 	if err := sb.Kill(ctx); err != nil {
 		t.Fatal(err)
@@ -113,7 +137,8 @@ func TestCodeInterpreter(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sb.Close()
-	res, err := sb.Exec(ctx, `python3 -c 'import numpy, pandas, matplotlib; print(sum(range(100)), numpy.arange(4).sum(), len(pandas.DataFrame({"a": [1, 2]})))'`, pandastack.ExecOptions{Timeout: 60 * time.Second})
+	// Generous: the imports take seconds on a quick machine.
+	res, err := sb.Exec(ctx, `python3 -c 'import numpy, pandas, matplotlib; print(sum(range(100)), numpy.arange(4).sum(), len(pandas.DataFrame({"a": [1, 2]})))'`, pandastack.ExecOptions{Timeout: 10 * time.Minute})
 	if err != nil || res.Stdout != "4950 6 2\n" || res.ExitCode != 0 {
 		t.Errorf("python: %+v %v", res, err)
 	}

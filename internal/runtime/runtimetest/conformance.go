@@ -9,6 +9,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,6 +29,12 @@ type Harness struct {
 	Leftovers func(id string) []string
 }
 
+// patience bounds every wait in the suite for something that must happen:
+// a sandbox starting, a command ending, a session closing. It is generous
+// because the suite must never assume how fast the machine is, only that it
+// gets there.
+const patience = 2 * time.Minute
+
 // NewID returns a fresh fixed-length sandbox id.
 func NewID() string {
 	b := make([]byte, 8)
@@ -37,7 +44,7 @@ func NewID() string {
 
 func start(t *testing.T, h Harness, spec runtime.Spec) *agent.Client {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), patience)
 	defer cancel()
 	if err := h.Runtime.Start(ctx, spec); err != nil {
 		t.Fatalf("Start: %v", err)
@@ -61,7 +68,7 @@ func start(t *testing.T, h Harness, spec runtime.Spec) *agent.Client {
 func run(t *testing.T, c *agent.Client, argv ...string) (string, agent.Exit) {
 	t.Helper()
 	var out bytes.Buffer
-	ex, err := c.Exec(context.Background(), agent.ExecRequest{Argv: argv, TimeoutMS: 20000}, agent.ExecIO{
+	ex, err := c.Exec(context.Background(), agent.ExecRequest{Argv: argv, TimeoutMS: patience.Milliseconds()}, agent.ExecIO{
 		Stdout: func(b []byte) error { out.Write(b); return nil },
 		Stderr: func(b []byte) error { out.Write(b); return nil },
 	})
@@ -117,8 +124,8 @@ func Run(t *testing.T, h Harness) {
 		}
 		select {
 		case <-c.Closed():
-		case <-time.After(5 * time.Second):
-			t.Error("agent session still open 5s after Delete")
+		case <-time.After(patience):
+			t.Errorf("agent session still open %v after Delete", patience)
 		}
 	})
 
@@ -149,24 +156,39 @@ func Run(t *testing.T, h Harness) {
 		// agent: the first goes away with an exec in flight and frames
 		// half-sent, and the new session starts clean all the same.
 		run(t, c, "/bin/sh", "-c", "echo 41 > /tmp/state")
+		// The exec is running (it printed) when the session goes away.
+		started := make(chan struct{})
+		var once sync.Once
 		inflight := make(chan error, 1)
 		go func() {
-			_, err := c.Exec(context.Background(), agent.ExecRequest{Argv: []string{"sleep", "30"}}, agent.ExecIO{})
+			_, err := c.Exec(context.Background(), agent.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo started; exec sleep 1000"}}, agent.ExecIO{
+				Stdout: func([]byte) error { once.Do(func() { close(started) }); return nil },
+			})
 			inflight <- err
 		}()
-		time.Sleep(200 * time.Millisecond)
+		select {
+		case <-started:
+		case err := <-inflight:
+			t.Fatalf("exec ended before the session was closed: %v", err)
+		case <-time.After(patience):
+			t.Fatalf("exec printed nothing within %v", patience)
+		}
 		c.Close()
 		if err := <-inflight; err == nil {
 			t.Error("exec of the closed session succeeded")
 		}
 		for i := range 2 {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), patience)
 			conn, err := h.Runtime.Connect(ctx, spec.ID)
 			if err != nil {
+				cancel()
 				t.Fatal(err)
 			}
 			// Garbage left in the stream by the "crashed" daemon.
-			_, _ = conn.Write([]byte{0, 0, 0, 42, 0xfe, 'P', 'A'})
+			if _, err := conn.Write([]byte{0, 0, 0, 42, 0xfe, 'P', 'A'}); err != nil {
+				cancel()
+				t.Fatalf("reconnect %d: writing garbage into the stream: %v", i, err)
+			}
 			c2, err := agent.Dial(ctx, conn)
 			cancel()
 			if err != nil {
@@ -177,18 +199,29 @@ func Run(t *testing.T, h Harness) {
 			}
 			c2.Close()
 		}
-		conn, err := h.Runtime.Connect(context.Background(), spec.ID)
+		ctx, cancel := context.WithTimeout(context.Background(), patience)
+		defer cancel()
+		conn, err := h.Runtime.Connect(ctx, spec.ID)
 		if err != nil {
 			t.Fatal(err)
 		}
-		c3, err := agent.Dial(context.Background(), conn)
+		c3, err := agent.Dial(ctx, conn)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c3.Close()
-		// The exec of the abandoned session was killed with it.
-		if got, _ := run(t, c3, "/bin/sh", "-c", "ps -eo args | grep -c '^sleep 30' || true"); got != "0\n" {
-			t.Errorf("exec of the abandoned session still runs: %q", got)
+		// The exec of the abandoned session was killed with it (the kill
+		// may still be under way: wait for it, within patience).
+		for deadline := time.Now().Add(patience); ; {
+			got, _ := run(t, c3, "/bin/sh", "-c", "ps -eo args | grep -c '^sleep 1000' || true")
+			if got == "0\n" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("exec of the abandoned session still runs %v after a new session started: %q", patience, got)
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
 	})
 
@@ -202,9 +235,14 @@ func Run(t *testing.T, h Harness) {
 		if err := h.Runtime.Delete(context.Background(), spec.ID); err != nil {
 			t.Fatal(err)
 		}
-		_, err := c.Exec(context.Background(), agent.ExecRequest{Argv: []string{"true"}}, agent.ExecIO{})
+		ctx, cancel := context.WithTimeout(context.Background(), patience)
+		defer cancel()
+		_, err := c.Exec(ctx, agent.ExecRequest{Argv: []string{"true"}}, agent.ExecIO{})
 		if err == nil {
 			t.Fatal("exec in a deleted sandbox succeeded")
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("exec in a deleted sandbox still waiting after %v: the session did not notice the death", patience)
 		}
 	})
 }
@@ -215,8 +253,10 @@ func checkpointRestore(t *testing.T, h Harness, cp runtime.Checkpointer) {
 	ctx := context.Background()
 	parent := h.Spec(NewID())
 	c := start(t, h, parent)
-	run(t, c, "/bin/sh", "-c", "echo before > /root/f; (setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' >/dev/null 2>&1 &)")
-	time.Sleep(200 * time.Millisecond)
+	// A counter keeps running in the background; the command returns once
+	// it has counted (waiting within the exec's timeout).
+	run(t, c, "/bin/sh", "-c", "echo before > /root/f; (setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done' >/dev/null 2>&1 &); "+
+		"until [ -s /tmp/count ]; do sleep 0.05; done")
 
 	image := t.TempDir()
 	if err := cp.Checkpoint(ctx, parent.ID, image, true); err != nil {
@@ -239,7 +279,9 @@ func checkpointRestore(t *testing.T, h Harness, cp runtime.Checkpointer) {
 		t.Fatalf("Dial restored sandbox: %v", err)
 	}
 	defer fc.Close()
-	got, _ := run(t, fc, "/bin/sh", "-c", "cat /root/f; hostname; a=$(cat /tmp/count); sleep 0.3; b=$(cat /tmp/count); [ $b -gt $a ] && echo counting")
+	// The restored counter goes on: wait for it to move, within the exec's
+	// timeout.
+	got, _ := run(t, fc, "/bin/sh", "-c", "cat /root/f; hostname; a=$(cat /tmp/count); until [ $(cat /tmp/count) -gt $a ]; do sleep 0.05; done; echo counting")
 	if want := "before\n" + fork.ID + "\ncounting\n"; got != want {
 		t.Errorf("restored sandbox: got %q, want %q", got, want)
 	}

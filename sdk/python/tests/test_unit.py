@@ -236,7 +236,7 @@ class FakeServer:
 
         for ev in self.exec_events or []:
             if isinstance(ev, tuple) and ev[0] == "wait":
-                self.gate_waits[ev[1]] = self.gates[ev[1]].wait(5)
+                self.gate_waits[ev[1]] = self.gates[ev[1]].wait(60)
             elif isinstance(ev, bytes):
                 chunk(ev)
             else:
