@@ -331,6 +331,10 @@ func (r *Runtime) Delete(ctx context.Context, id string) error {
 // (delete, list): they take milliseconds, and a minute means runsc hangs.
 const runscTimeout = time.Minute
 
+// cgroupRemoveWait bounds how long Delete waits for a sandbox's cgroups
+// to empty.
+const cgroupRemoveWait = 30 * time.Second
+
 // cgroupRoot is where cgroup hierarchies are mounted.
 const cgroupRoot = "/sys/fs/cgroup"
 
@@ -348,13 +352,16 @@ func removeCgroups(ctx context.Context, parent, id string) error {
 		}
 	}
 	var errs []error
+	// The kernel reports a group busy until its last task has exited,
+	// which on a loaded machine takes a while after the kill.
+	deadline := time.Now().Add(cgroupRemoveWait)
 	for _, d := range dirs {
-		for try := 0; ; try++ {
+		for {
 			err := unix.Rmdir(d)
 			if err == nil || err == unix.ENOENT || err == unix.ENOTDIR {
 				break
 			}
-			if err != unix.EBUSY || try >= 50 || ctx.Err() != nil {
+			if err != unix.EBUSY || time.Now().After(deadline) || ctx.Err() != nil {
 				errs = append(errs, fmt.Errorf("removing cgroup %s: %w", d, err))
 				break
 			}
