@@ -42,7 +42,7 @@ func (m *Manager) Create(ctx context.Context, tenant string, req wire.CreateSand
 	if snap == nil {
 		return m.launch(ctx, tenant, p, "")
 	}
-	p.layout = snap.Layout
+	p.layout, p.restore, p.templateHash = snap.Layout, true, snap.TemplateHash
 	// Pin the snapshot so it cannot be deleted while it is restored.
 	if !m.pin(snap.ID) {
 		return wire.Sandbox{}, errdefs.NotFound("snapshot %q not found", snap.ID)
@@ -97,6 +97,10 @@ type params struct {
 	// layout is the file system layout (layoutAgentMount for new
 	// sandboxes; a restore keeps its image's).
 	layout int
+	// restore marks a restore of an image, which needs the template build
+	// templateHash it was made from ("" for the legacy build).
+	restore      bool
+	templateHash string
 }
 
 // Sandbox layouts (store.Sandbox.Layout). A restore must use its image's.
@@ -176,6 +180,9 @@ func (m *Manager) params(req wire.CreateSandboxRequest) (params, error) {
 // since nobody would know its id.
 func (m *Manager) launch(ctx context.Context, tenant string, p params, image string) (wire.Sandbox, error) {
 	tpl, err := m.templates.Get(p.template)
+	if p.restore {
+		tpl, err = m.templates.GetBuild(p.template, p.templateHash)
+	}
 	if err != nil {
 		return wire.Sandbox{}, err
 	}
@@ -207,7 +214,7 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 		ID: id, Tenant: tenant, Template: tpl.Name, State: wire.StateCreating,
 		CreatedAt: now, ExpiresAt: now.Add(p.ttl), Metadata: p.metadata, CPU: p.cpu, MemoryMB: p.memMB,
 		DiskMB: p.diskMB, Pids: p.pids, Env: p.env, OnTimeout: p.onTimeout, TTLSeconds: int(p.ttl / time.Second),
-		Layout: p.layout,
+		Layout: p.layout, TemplateHash: tpl.Hash,
 	}
 	if rec.Layout == 0 {
 		rec.Layout = layoutAgentMount
@@ -301,7 +308,7 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 
 // spec is the runtime spec of a sandbox record.
 func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
-	tpl, err := m.templates.Get(r.Template)
+	tpl, err := m.templates.GetBuild(r.Template, r.TemplateHash)
 	if err != nil {
 		return runtime.Spec{}, err
 	}

@@ -301,6 +301,8 @@ func (f *fakeRuntime) ExitCause(ctx context.Context, id string) string {
 // directory: the fake runtime does not look at it.
 type fakeTemplates struct{ tpl template.Template }
 
+func (f fakeTemplates) GetBuild(name, hash string) (template.Template, error) { return f.Get(name) }
+
 func (f fakeTemplates) Get(name string) (template.Template, error) {
 	if name != f.tpl.Name {
 		return template.Template{}, fmt.Errorf("template %q: %w", name, os.ErrNotExist)

@@ -160,7 +160,11 @@ func (c Config) withDefaults() Config {
 
 // Templates finds built templates.
 type Templates interface {
+	// Get returns the current build of a template.
 	Get(name string) (template.Template, error)
+	// GetBuild returns a given build of a template ("" for the legacy
+	// one): restores need the build their image was made from.
+	GetBuild(name, hash string) (template.Template, error)
 }
 
 // Store persists sandbox and snapshot records.

@@ -61,7 +61,7 @@ func (m *Manager) makeTemplateImage(ctx context.Context, tpl template.Template, 
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Minute)
 	defer cancel()
 	id := newID()
-	spec, err := m.spec(m.pooledRecord(id, tpl.Name))
+	spec, err := m.spec(m.pooledRecord(id, tpl))
 	if err != nil {
 		return err
 	}
@@ -93,13 +93,13 @@ func (m *Manager) makeTemplateImage(ctx context.Context, tpl template.Template, 
 
 // pooledRecord is the record of a sandbox made ahead of any request: the
 // server's default limits and no owner yet.
-func (m *Manager) pooledRecord(id, tpl string) store.Sandbox {
+func (m *Manager) pooledRecord(id string, tpl template.Template) store.Sandbox {
 	now := m.now().UTC()
 	return store.Sandbox{
-		ID: id, Template: tpl, State: wire.StateCreating, CreatedAt: now, ExpiresAt: now,
+		ID: id, Template: tpl.Name, State: wire.StateCreating, CreatedAt: now, ExpiresAt: now,
 		CPU: m.cfg.DefaultCPU, MemoryMB: m.cfg.DefaultMemoryMB, DiskMB: m.cfg.DiskMB, Pids: m.cfg.Pids,
 		Env: map[string]string{}, Metadata: map[string]string{},
-		OnTimeout: wire.OnTimeoutKill, Layout: layoutAgentMount,
+		OnTimeout: wire.OnTimeoutKill, Layout: layoutAgentMount, TemplateHash: tpl.Hash,
 	}
 }
 
@@ -226,7 +226,7 @@ func (m *Manager) newPooled(ctx context.Context, name string) (*pooled, error) {
 		return nil, err
 	}
 	id := newID()
-	spec, err := m.spec(m.pooledRecord(id, tpl.Name))
+	spec, err := m.spec(m.pooledRecord(id, tpl))
 	if err != nil {
 		return nil, err
 	}

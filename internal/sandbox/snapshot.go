@@ -158,7 +158,7 @@ func (m *Manager) Snapshot(ctx context.Context, tenant, id string, req wire.Snap
 	sn := store.Snapshot{
 		ID: randomID("snap-"), Tenant: tenant, SourceSandbox: id, Template: r.Template,
 		CreatedAt: now, ExpiresAt: now.Add(ttl), Env: r.Env, CPU: r.CPU, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB, Pids: r.Pids,
-		Layout: r.Layout,
+		Layout: r.Layout, TemplateHash: r.TemplateHash,
 	}
 	dir := m.snapshotDir(sn.ID)
 	if err := m.checkpointLocked(ctx, in, dir, "take a snapshot"); err != nil {
@@ -271,7 +271,7 @@ func (m *Manager) Fork(ctx context.Context, tenant, id string, req wire.ForkRequ
 	if err != nil {
 		return nil, err
 	}
-	p.layout = r.Layout
+	p.layout, p.restore, p.templateHash = r.Layout, true, r.TemplateHash
 	out := make([]wire.Sandbox, 0, count)
 	undo := func() {
 		for _, done := range out {

@@ -105,6 +105,12 @@ ALTER TABLE snapshots ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sandboxes ADD COLUMN layout INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE snapshots ADD COLUMN layout INTEGER NOT NULL DEFAULT 1;
 `,
+	// 6: the template build (hash) a sandbox or snapshot was made from;
+	// '' in older records, which were all made from the legacy build.
+	`
+ALTER TABLE sandboxes ADD COLUMN template_hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE snapshots ADD COLUMN template_hash TEXT NOT NULL DEFAULT '';
+`,
 }
 
 // Open opens (creating if needed) the database at path.
@@ -183,9 +189,12 @@ type Sandbox struct {
 	// Layout is how the sandbox's file system is put together; a restore
 	// of its image must use the same. 1 in records older than the column.
 	Layout int
+	// TemplateHash is the template build it was made from; "" in records
+	// older than the column (the legacy build).
+	TemplateHash string
 }
 
-const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb, env, on_timeout, ttl_seconds, paused_bytes, disk_mb, pids, layout`
+const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb, env, on_timeout, ttl_seconds, paused_bytes, disk_mb, pids, layout, template_hash`
 
 // CreateSandbox inserts a new record.
 func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
@@ -203,9 +212,9 @@ func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
 	if sb.Layout == 0 {
 		sb.Layout = 1
 	}
-	_, err = s.exec(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = s.exec(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		sb.ID, sb.Tenant, sb.Template, sb.State, sb.CreatedAt.UnixNano(), sb.ExpiresAt.UnixNano(), string(md), sb.CPU, sb.MemoryMB,
-		string(env), sb.OnTimeout, sb.TTLSeconds, sb.PausedBytes, sb.DiskMB, sb.Pids, sb.Layout)
+		string(env), sb.OnTimeout, sb.TTLSeconds, sb.PausedBytes, sb.DiskMB, sb.Pids, sb.Layout, sb.TemplateHash)
 	if err != nil {
 		return fmt.Errorf("inserting sandbox %s: %w", sb.ID, err)
 	}
@@ -217,7 +226,7 @@ func scanSandbox(row interface{ Scan(...any) error }) (Sandbox, error) {
 	var created, expires int64
 	var md, env string
 	if err := row.Scan(&sb.ID, &sb.Tenant, &sb.Template, &sb.State, &created, &expires, &md, &sb.CPU, &sb.MemoryMB,
-		&env, &sb.OnTimeout, &sb.TTLSeconds, &sb.PausedBytes, &sb.DiskMB, &sb.Pids, &sb.Layout); err != nil {
+		&env, &sb.OnTimeout, &sb.TTLSeconds, &sb.PausedBytes, &sb.DiskMB, &sb.Pids, &sb.Layout, &sb.TemplateHash); err != nil {
 		return Sandbox{}, err
 	}
 	if err := json.Unmarshal([]byte(env), &sb.Env); err != nil {
@@ -381,11 +390,12 @@ type Snapshot struct {
 	CPU          float64
 	MemoryMB     int
 	DiskMB, Pids int
-	// Layout is the source sandbox's (see Sandbox.Layout).
-	Layout int
+	// Layout and TemplateHash are the source sandbox's (see Sandbox).
+	Layout       int
+	TemplateHash string
 }
 
-const snapshotCols = `id, tenant, source_sandbox, template, size_bytes, created_at, env, cpu, memory_mb, disk_mb, pids, expires_at, layout`
+const snapshotCols = `id, tenant, source_sandbox, template, size_bytes, created_at, env, cpu, memory_mb, disk_mb, pids, expires_at, layout, template_hash`
 
 // CreateSnapshot inserts a snapshot record.
 func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
@@ -400,9 +410,9 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
 	if sn.Layout == 0 {
 		sn.Layout = 1
 	}
-	_, err = s.exec(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = s.exec(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		sn.ID, sn.Tenant, sn.SourceSandbox, sn.Template, sn.SizeBytes, sn.CreatedAt.UnixNano(), string(env), sn.CPU, sn.MemoryMB,
-		sn.DiskMB, sn.Pids, expires, sn.Layout)
+		sn.DiskMB, sn.Pids, expires, sn.Layout, sn.TemplateHash)
 	if err != nil {
 		return fmt.Errorf("inserting snapshot %s: %w", sn.ID, err)
 	}
@@ -414,7 +424,7 @@ func scanSnapshot(row interface{ Scan(...any) error }) (Snapshot, error) {
 	var created, expires int64
 	var env string
 	if err := row.Scan(&sn.ID, &sn.Tenant, &sn.SourceSandbox, &sn.Template, &sn.SizeBytes, &created, &env, &sn.CPU, &sn.MemoryMB,
-		&sn.DiskMB, &sn.Pids, &expires, &sn.Layout); err != nil {
+		&sn.DiskMB, &sn.Pids, &expires, &sn.Layout, &sn.TemplateHash); err != nil {
 		return Snapshot{}, err
 	}
 	sn.CreatedAt = time.Unix(0, created).UTC()

@@ -25,8 +25,17 @@ import (
 )
 
 // builderVersion is part of every template's hash: bump it when the build
-// steps below change, so cached templates are rebuilt.
-const builderVersion = 1
+// steps below change, so cached templates are rebuilt. 2: the unprivileged
+// user "user" (uid and gid 1000, home /home/user).
+const builderVersion = 2
+
+// The unprivileged user every template has; commands, files and terminals
+// run as this user unless a call asks for root.
+const (
+	UserName = "user"
+	UserID   = 1000
+	UserHome = "/home/user"
+)
 
 // Suite is the Debian release templates are built from.
 const Suite = "bookworm"
@@ -67,11 +76,18 @@ func Builtin() []Definition {
 
 // Hash identifies the definition's content: the same hash means the same
 // root filesystem.
-func (d Definition) Hash() string {
+func (d Definition) Hash() string { return d.hashAt(builderVersion) }
+
+// LegacyHash is the hash this definition had under the first builder,
+// before sandbox records kept their template's hash: such records were
+// all made from that build.
+func (d Definition) LegacyHash() string { return d.hashAt(1) }
+
+func (d Definition) hashAt(version int) string {
 	pk := append([]string{}, d.Packages...)
 	sort.Strings(pk)
 	h := sha256.New()
-	fmt.Fprintf(h, "v%d\n%s\n%s\n%s\n", builderVersion, Suite, d.Name, strings.Join(pk, ","))
+	fmt.Fprintf(h, "v%d\n%s\n%s\n%s\n", version, Suite, d.Name, strings.Join(pk, ","))
 	return hex.EncodeToString(h.Sum(nil))[:16]
 }
 
@@ -119,8 +135,10 @@ func (s *Store) Definitions() []Definition {
 	return out
 }
 
-func (s *Store) path(d Definition) string {
-	return filepath.Join(s.dir, d.Name+"-"+d.Hash())
+func (s *Store) path(d Definition) string { return s.buildPath(d.Name, d.Hash()) }
+
+func (s *Store) buildPath(name, hash string) string {
+	return filepath.Join(s.dir, name+"-"+hash)
 }
 
 // Get returns the built template of that name. It fails with ErrNotFound
@@ -135,6 +153,28 @@ func (s *Store) Get(name string) (Template, error) {
 		return Template{}, errdefs.Unavailable("template %q is not built yet (run `pandastack template build %s`)", name, name)
 	}
 	return Template{Definition: d, Hash: d.Hash(), Rootfs: filepath.Join(p, "rootfs")}, nil
+}
+
+// GetBuild returns the build of the template with the given hash: the one
+// a sandbox was made from, which its restores need, whether or not the
+// definition has changed since. Builds are never removed while the server
+// runs. An empty hash means the legacy build (LegacyHash).
+func (s *Store) GetBuild(name, hash string) (Template, error) {
+	d, ok := s.defs[name]
+	if !ok {
+		return Template{}, errdefs.NotFound("template %q not found", name)
+	}
+	if hash == "" {
+		hash = d.LegacyHash()
+	}
+	if hash == d.Hash() {
+		return s.Get(name)
+	}
+	p := s.buildPath(name, hash)
+	if _, err := os.Stat(filepath.Join(p, "rootfs", "bin", "sh")); err != nil {
+		return Template{}, errdefs.Unavailable("the build %s of template %q that this sandbox was made from is gone", hash, name)
+	}
+	return Template{Definition: d, Hash: hash, Rootfs: filepath.Join(p, "rootfs")}, nil
 }
 
 // Ensure returns the template, building it first if needed.
@@ -174,6 +214,7 @@ func (s *Store) build(ctx context.Context, d Definition) error {
 		"--dpkgopt=path-exclude=/usr/share/locale/*",
 		"--dpkgopt=path-include=/usr/share/locale/locale.alias",
 		"--customize-hook=mkdir -p \"$1/.pandastack\"",
+		fmt.Sprintf("--customize-hook=chroot \"$1\" useradd --create-home --home-dir %s --uid %d --user-group --shell /bin/bash %s", UserHome, UserID, UserName),
 		Suite, filepath.Join(tmp, "rootfs"), s.mirror,
 	}
 	cmd := exec.CommandContext(ctx, "mmdebstrap", args...)

@@ -273,3 +273,49 @@ func TestInstallAgentErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestGetBuildFindsTheBuildASandboxWasMadeFrom: restores need the build
+// their image was made from, after the definition (or the builder) has
+// changed; records from before hashes were kept use the legacy build.
+func TestGetBuildFindsTheBuildASandboxWasMadeFrom(t *testing.T) {
+	dir := t.TempDir()
+	s, err := NewStore(dir, "", Builtin(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := Builtin()[0]
+	for _, h := range []string{d.Hash(), d.LegacyHash(), "0123456789abcdef"} {
+		if err := os.MkdirAll(filepath.Join(dir, d.Name+"-"+h, "rootfs", "bin"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, d.Name+"-"+h, "rootfs", "bin", "sh"), nil, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if d.Hash() == d.LegacyHash() {
+		t.Fatal("the current builder has the legacy hash: bump builderVersion with the build steps")
+	}
+	for _, tc := range []struct {
+		hash, want string
+		wantErr    error
+	}{
+		{"", d.LegacyHash(), nil},
+		{d.Hash(), d.Hash(), nil},
+		{"0123456789abcdef", "0123456789abcdef", nil},
+		{"fedcba9876543210", "", errdefs.ErrUnavailable},
+	} {
+		got, err := s.GetBuild(d.Name, tc.hash)
+		if tc.wantErr != nil {
+			if !errors.Is(err, tc.wantErr) {
+				t.Errorf("GetBuild(%q): got %v, want %v", tc.hash, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || got.Hash != tc.want || got.Rootfs != filepath.Join(dir, d.Name+"-"+tc.want, "rootfs") {
+			t.Errorf("GetBuild(%q): got %+v, %v, want build %s", tc.hash, got, err, tc.want)
+		}
+	}
+	if _, err := s.GetBuild("nope", ""); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("unknown template: got %v, want ErrNotFound", err)
+	}
+}
