@@ -423,5 +423,35 @@ func TestSandboxAgentHardening(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	})
+
+	t.Run("orphan holding the output killed", func(t *testing.T) {
+		// A double fork in its own session: orphaned to the agent (PID 1
+		// here), out of the exec's group and tree, found only by the
+		// exec's stdout and stderr it holds, through gVisor's /proc.
+		for timeout := int64(1000); ; timeout *= 2 {
+			r := run(t, c, agent.ExecRequest{Argv: sh("rm -f /tmp/orphaned; (setsid sh -c 'touch /tmp/orphaned; exec sleep 1001' &); exec sleep 1000"), TimeoutMS: timeout})
+			if !r.exit.TimedOut {
+				t.Errorf("exit: got %+v, want a timeout", r.exit)
+			}
+			if run(t, c, agent.ExecRequest{Argv: []string{"test", "-e", "/tmp/orphaned"}}).exit.ExitCode == 0 {
+				break
+			}
+			if time.Duration(timeout)*time.Millisecond >= patience {
+				t.Fatalf("the orphan never ran before the timeout, up to %d ms", timeout)
+			}
+			t.Logf("the orphan did not run before the %d ms timeout (a slow machine): again", timeout)
+		}
+		deadline := time.Now().Add(patience)
+		for {
+			r := run(t, c, agent.ExecRequest{Argv: []string{"pgrep", "-a", "-f", "^sleep 1001$"}})
+			if r.exit.ExitCode == 1 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("orphan left after the timeout: got %q (%+v), want none", r.stdout, r.exit)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	})
 	ping(t, c)
 }

@@ -46,6 +46,7 @@ func TestParseStat(t *testing.T) {
 		{in: "42 (sleep) S 7 42 42 0 -1 4194304 ...", want: procEntry{ppid: 7, pgid: 42}, wantOK: true},
 		// The command name may hold spaces and parentheses.
 		{in: "43 (a) b (c) R 1 9 9 0", want: procEntry{ppid: 1, pgid: 9}, wantOK: true},
+		{in: "47 (sleep) Z 1 47 47 0", want: procEntry{ppid: 1, pgid: 47, zombie: true}, wantOK: true},
 		{in: "44 (x", wantOK: false},
 		{in: "45 (x) S", wantOK: false},
 		{in: "46 (x) S y 1", wantOK: false},
@@ -55,34 +56,5 @@ func TestParseStat(t *testing.T) {
 		if ok != tt.wantOK || (ok && got != tt.want) {
 			t.Errorf("parseStat(%q): got %+v, %v, want %+v, %v", tt.in, got, ok, tt.want, tt.wantOK)
 		}
-	}
-}
-
-func TestExecProcesses(t *testing.T) {
-	// 10 is the exec's process; 1 the agent (self) and init.
-	procs := map[int]procEntry{
-		1:  {ppid: 0, pgid: 1},
-		10: {ppid: 1, pgid: 10},
-		11: {ppid: 10, pgid: 10}, // in the group
-		12: {ppid: 10, pgid: 12}, // own session, child of the exec
-		13: {ppid: 12, pgid: 12}, // its child
-		14: {ppid: 1, pgid: 10},  // orphan still in the group
-		15: {ppid: 1, pgid: 15},  // orphan of another exec
-		16: {ppid: 15, pgid: 15},
-		20: {ppid: 1, pgid: 20}, // another exec
-	}
-	got := execProcesses(procs, 10, nil, 1)
-	want := map[int]bool{10: true, 11: true, 12: true, 13: true, 14: true}
-	if len(got) != len(want) {
-		t.Fatalf("got %v, want %v", got, want)
-	}
-	for pid := range want {
-		if !got[pid] {
-			t.Errorf("got %v, want %v", got, want)
-		}
-	}
-	// The agent is never part of it, even as its own process group.
-	if got := execProcesses(map[int]procEntry{1: {pgid: 1}, 2: {ppid: 1, pgid: 1}}, 1, nil, 1); got[1] || !got[2] {
-		t.Errorf("exec led by the agent's pid: got %v, want only 2", got)
 	}
 }

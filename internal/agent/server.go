@@ -38,6 +38,9 @@ type Server struct {
 	log *slog.Logger
 	// outputGrace is the package's outputGrace; tests shorten it.
 	outputGrace time.Duration
+	// onKill, if set (by tests, before Serve), gets the work of every
+	// killExec.
+	onKill func(killStats)
 
 	mu sync.Mutex
 	// waiters maps a started pid to the channel its wait status goes to.
@@ -315,7 +318,7 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 	killAll := func() {
 		killOnce.Do(func() {
 			if !reaped.Load() {
-				killExec(pid, inodes)
+				s.killExec(pid, inodes)
 			}
 		})
 	}
