@@ -5,6 +5,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -37,7 +38,15 @@ func (s *Server) reclaim(req Reclaim) Reclaimed {
 	page := int64(os.Getpagesize())
 	var best Reclaimed
 	bestPgid := 0
-	for pid, p := range readProcs() {
+	// No half-started command while /proc is read: until it runs its
+	// program a new child is a copy of the agent, with its memory (see
+	// killExec). Commands start under s.mu; Go forks hold ForkLock.
+	s.mu.Lock()
+	syscall.ForkLock.RLock()
+	procs := readProcs()
+	syscall.ForkLock.RUnlock()
+	s.mu.Unlock()
+	for pid, p := range procs {
 		if pid <= 1 || pid == self {
 			continue
 		}
