@@ -302,3 +302,213 @@ func TestFullDataDiskIsRefusedCleanly(t *testing.T) {
 		t.Errorf("kill on a full disk: got %d %s, want 204", resp.StatusCode, b)
 	}
 }
+
+// C9: one checkpoint blocks no one else, against real sandboxes: while a
+// sandbox holding 1 GiB is snapshotted, list and get answer and a TTL
+// extension made meanwhile is kept. (The ordering is tested
+// deterministically in internal/sandbox's TestCheckpointBlocksNobodyElse
+// and TestReaperRechecksExpiryAfterWaiting.)
+func TestCheckpointBlocksNobodyElseForReal(t *testing.T) {
+	s := daemontest.Start(t, noPool)
+	big := s.Create(t, wire.CreateSandboxRequest{MemoryMB: 2048, TTLSeconds: 2})
+	holdMemory(t, s, big.ID, 1024)
+	// The TTL (2 s) may already have passed: extend it at once, and again
+	// during the snapshot below.
+	s.Do(t, "POST", "/v1/sandboxes/"+big.ID+"/timeout", wire.SetTimeoutRequest{TTLSeconds: 2})
+	done := make(chan int, 1)
+	go func() {
+		resp, _ := s.Do(t, "POST", "/v1/sandboxes/"+big.ID+"/snapshot", nil)
+		done <- resp.StatusCode
+	}()
+	inFlight := 0
+	for snapping := true; snapping; {
+		select {
+		case st := <-done:
+			if st != http.StatusCreated {
+				t.Fatalf("snapshot: %d", st)
+			}
+			snapping = false
+			continue
+		default:
+		}
+		if resp, b := s.Do(t, "GET", "/v1/sandboxes", nil); resp.StatusCode != http.StatusOK {
+			t.Fatalf("list during a snapshot: %d %s", resp.StatusCode, b)
+		}
+		s.Do(t, "POST", "/v1/sandboxes/"+big.ID+"/timeout", wire.SetTimeoutRequest{TTLSeconds: 600})
+		select {
+		case st := <-done:
+			if st != http.StatusCreated {
+				t.Fatalf("snapshot: %d", st)
+			}
+			snapping = false
+		default:
+			inFlight++
+		}
+	}
+	if inFlight == 0 {
+		t.Error("no list and set-timeout answered while the snapshot ran; want them not to wait for it")
+	}
+	// The TTL (2 s) is long past; the extension made meanwhile holds.
+	time.Sleep(3 * time.Second) // several reaper ticks; any wait longer than the old TTL works
+	if resp, b := s.Do(t, "GET", "/v1/sandboxes/"+big.ID, nil); resp.StatusCode != http.StatusOK {
+		t.Errorf("after a TTL extension during a snapshot: %d %s, want the sandbox alive", resp.StatusCode, b)
+	}
+}
+
+// C10: concurrent resumes never exceed --max-sandboxes (limit 3, three
+// concurrent resumes gave five running).
+func TestConcurrentResumesRespectTheLimitForReal(t *testing.T) {
+	s := daemontest.Start(t, func(c *daemon.Config) { noPool(c); c.Sandbox.MaxSandboxes = 3 })
+	var paused []string
+	for range 3 {
+		sb := s.Create(t, wire.CreateSandboxRequest{})
+		if resp, b := s.Do(t, "POST", "/v1/sandboxes/"+sb.ID+"/pause", nil); resp.StatusCode != http.StatusOK {
+			t.Fatalf("pause: %d %s", resp.StatusCode, b)
+		}
+		paused = append(paused, sb.ID)
+	}
+	s.Create(t, wire.CreateSandboxRequest{})
+	s.Create(t, wire.CreateSandboxRequest{})
+	var wg sync.WaitGroup
+	codes := make([]int, len(paused))
+	for i, id := range paused {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, _ := s.Do(t, "POST", "/v1/sandboxes/"+id+"/resume", nil)
+			codes[i] = resp.StatusCode
+		}()
+	}
+	wg.Wait()
+	ok, refused := 0, 0
+	for _, c := range codes {
+		switch c {
+		case http.StatusOK:
+			ok++
+		case http.StatusTooManyRequests:
+			refused++
+		}
+	}
+	if ok != 1 || refused != 2 {
+		t.Errorf("resumes: got %v, want one 200 and two 429", codes)
+	}
+	_, b := s.Do(t, "GET", "/v1/sandboxes", nil)
+	var l wire.SandboxList
+	_ = json.Unmarshal(b, &l)
+	running := 0
+	for _, sb := range l.Sandboxes {
+		if sb.State == wire.StateRunning {
+			running++
+		}
+	}
+	if running != 3 {
+		t.Errorf("running: got %d, want 3", running)
+	}
+}
+
+// rssKB is this process's resident memory.
+func rssKB(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			n := 0
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &n)
+			return n
+		}
+	}
+	return 0
+}
+
+// C11: the daemon's memory stays bounded under many blocking execs with
+// big outputs (60 execs printing 12 MB per stream made it 1.5 GB): the
+// buffered-output budget caps what they hold. The daemon runs in this
+// process, so its RSS is this process's.
+func TestBlockingExecsHoldBoundedMemory(t *testing.T) {
+	const budget = 64 << 20
+	s := daemontest.Start(t, func(c *daemon.Config) { noPool(c); c.MaxBufferedOutputBytes = budget })
+	sb := s.Create(t, wire.CreateSandboxRequest{})
+	before := rssKB(t)
+	var peak int
+	var mu sync.Mutex
+	stop := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if r := rssKB(t); r > peak {
+				mu.Lock()
+				peak = r
+				mu.Unlock()
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	truncated := 0
+	for range 60 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, b := s.Do(t, "POST", "/v1/sandboxes/"+sb.ID+"/exec", wire.ExecRequest{Cmd: "head -c 12000000 /dev/zero | tr '\\0' a; head -c 12000000 /dev/zero | tr '\\0' b >&2", TimeoutSeconds: 600})
+			var res wire.ExecResult
+			_ = json.Unmarshal(b, &res)
+			mu.Lock()
+			defer mu.Unlock()
+			if resp.StatusCode == http.StatusOK && res.Truncated {
+				truncated++
+			}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	<-sampled
+	growth := (peak - before) / 1024
+	t.Logf("RSS before %d MiB, peak %d MiB (+%d MiB); %d of 60 truncated", before/1024, peak/1024, growth, truncated)
+	// The budget, the copies a JSON answer makes of it, and everything else
+	// the server does: well under the 1.2 GB that 60 × 2 × 10 MiB would be.
+	if growth > 6*budget>>20 {
+		t.Errorf("daemon RSS grew by %d MiB; want at most %d (a %d MiB budget)", growth, 6*budget>>20, budget>>20)
+	}
+	if truncated != 60 {
+		t.Errorf("truncated: got %d of 60, want all (each stream is over the per-stream cap)", truncated)
+	}
+}
+
+// D14, C13 against real sandboxes: a sandbox created from a snapshot has
+// the snapshot's disk (df agrees) and refuses other limits; the tenant's
+// stored quota refuses a snapshot past it with 429.
+func TestSnapshotLimitsAndQuotaForReal(t *testing.T) {
+	s := daemontest.Start(t, func(c *daemon.Config) { noPool(c); c.Sandbox.MaxStoredMB = 200 })
+	src := s.Create(t, wire.CreateSandboxRequest{DiskMB: 64, MemoryMB: 512})
+	resp, b := s.Do(t, "POST", "/v1/sandboxes/"+src.ID+"/snapshot", nil)
+	if resp.StatusCode != http.StatusCreated {
+		t.Fatalf("snapshot: %d %s", resp.StatusCode, b)
+	}
+	var sn wire.Snapshot
+	_ = json.Unmarshal(b, &sn)
+	if sn.DiskMB != 64 || sn.MemoryMB != 512 {
+		t.Errorf("snapshot limits: got %+v, want disk 64, memory 512", sn)
+	}
+	resp, b = s.Do(t, "POST", "/v1/sandboxes", wire.CreateSandboxRequest{SnapshotID: sn.ID, DiskMB: 2048})
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(errorBody(t, b).Message, "disk_mb 2048") {
+		t.Errorf("create from a snapshot with another disk_mb: got %d %s, want 400 naming it", resp.StatusCode, b)
+	}
+	c := s.Create(t, wire.CreateSandboxRequest{SnapshotID: sn.ID})
+	if res := s.Exec(t, c.ID, wire.ExecRequest{Cmd: "df -m / | tail -1 | awk '{print $2}'"}); strings.TrimSpace(res.Stdout) != "64" {
+		t.Errorf("df of a sandbox from a 64 MiB snapshot: got %q", res.Stdout)
+	}
+	// ~300 MB in use: the next snapshot would pass the 200 MiB quota.
+	holdMemory(t, s, src.ID, 256)
+	resp, b = s.Do(t, "POST", "/v1/sandboxes/"+src.ID+"/snapshot", nil)
+	if resp.StatusCode != http.StatusTooManyRequests || errorBody(t, b).Code != "quota_exceeded" {
+		t.Errorf("snapshot past the stored quota: got %d %s, want 429", resp.StatusCode, b)
+	}
+}
