@@ -132,7 +132,17 @@ type ExecRequest struct {
 	Cwd            string            `json:"cwd,omitempty"`
 	Stdin          string            `json:"stdin,omitempty"`
 	TimeoutSeconds float64           `json:"timeout_seconds,omitempty"`
+	// User runs the command as that user of the sandbox: "user" (the
+	// default: unprivileged, uid 1000, home /home/user, which is also the
+	// default cwd) or "root".
+	User string `json:"user,omitempty"`
 }
+
+// Users a command, file operation or terminal can run as.
+const (
+	UserDefault = "user"
+	UserRoot    = "root"
+)
 
 // ExecResult is the response of a blocking exec and the last event of a
 // streamed one.

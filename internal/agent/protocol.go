@@ -86,6 +86,10 @@ type ExecRequest struct {
 	// MaxOutputBytes caps what is sent of each of stdout and stderr; the
 	// rest is read and dropped, and Exit.Truncated is set. 0: no cap.
 	MaxOutputBytes int64 `json:"max_output_bytes,omitempty"`
+	// User runs the process as that user of the sandbox (its uid, gid,
+	// groups, HOME, USER, LOGNAME; Cwd defaults to its home); empty: the
+	// agent's own (root).
+	User string `json:"user,omitempty"`
 }
 
 // Signal asks the agent to signal the process group.
@@ -103,6 +107,10 @@ type Exit struct {
 	// Truncated reports whether output went over ExecRequest.MaxOutputBytes.
 	Truncated bool   `json:"truncated,omitempty"`
 	Error     string `json:"error,omitempty"`
+	// Invalid reports that the request itself was wrong (an unknown
+	// user): the process did not start, and the caller should say so as
+	// a bad request rather than as an exit code.
+	Invalid bool `json:"invalid,omitempty"`
 }
 
 // Pong is the reply to a ping.

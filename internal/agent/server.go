@@ -214,6 +214,16 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 		_ = fw.json(FrameExit, Exit{ExitCode: -1, Error: fmt.Sprintf(format, args...)})
 	}
 
+	id, err := lookupIdentity(req.User)
+	if err != nil {
+		_ = fw.json(FrameExit, Exit{ExitCode: -1, Error: err.Error(), Invalid: errors.As(err, new(errUnknownUser))})
+		return
+	}
+	if req.Cwd == "" && id.home != "" {
+		if st, err := os.Stat(id.home); err == nil && st.IsDir() {
+			req.Cwd = id.home
+		}
+	}
 	if req.Cwd != "" {
 		if st, err := os.Stat(req.Cwd); err != nil || !st.IsDir() {
 			msg := fmt.Sprintf("cwd %s: not a directory", req.Cwd)
@@ -225,7 +235,7 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 			return
 		}
 	}
-	env := mergeEnv(os.Environ(), req.Env)
+	env := mergeEnv(mergeEnv(os.Environ(), id.env()), req.Env)
 	path, err := lookPath(req.Argv[0], req.Cwd, envValue(env, "PATH"))
 	if err != nil {
 		// The shell's conventions: 126 for a file that cannot be executed,
@@ -272,7 +282,7 @@ func (s *Server) exec(ctx context.Context, st *yamux.Stream, req *ExecRequest) {
 	cmd.Dir = req.Cwd
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, outW, errW
 	// A process group of its own, so a timeout or kill reaches its children.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: id.credential()}
 
 	exitc := make(chan unix.WaitStatus, 1)
 	// Hold the lock across Start so the reaper cannot see the pid before it

@@ -24,6 +24,7 @@ func newRunCmd() *cobra.Command {
 		ttl      int
 		timeout  float64
 		env      []string
+		user     string
 	)
 	cmd := &cobra.Command{
 		Use:   "run [flags] [--] CMD...",
@@ -35,7 +36,7 @@ func newRunCmd() *cobra.Command {
 			"  pandastack run --template code-interpreter --timeout 30 python3 -c 'print(6*7)'",
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			opts, err := execOptions(timeout, env, "")
+			opts, err := execOptions(timeout, env, "", user)
 			if err != nil {
 				return err
 			}
@@ -54,7 +55,7 @@ func newRunCmd() *cobra.Command {
 	cmd.Flags().SetInterspersed(false)
 	cmd.Flags().StringVar(&template, "template", "", `template to start from (server default "base")`)
 	cmd.Flags().IntVar(&ttl, "ttl", 0, "seconds the sandbox lives at most, should cleanup fail (0: the server's default, 300)")
-	addExecFlags(cmd, &timeout, &env, nil)
+	addExecFlags(cmd, &timeout, &env, nil, &user)
 	return cmd
 }
 

@@ -183,6 +183,7 @@ func newSandboxExecCmd() *cobra.Command {
 		timeout float64
 		env     []string
 		cwd     string
+		user    string
 	)
 	cmd := &cobra.Command{
 		Use:   "exec ID [flags] -- CMD...",
@@ -199,7 +200,7 @@ func newSandboxExecCmd() *cobra.Command {
 			if dash := cmd.ArgsLenAtDash(); dash != -1 && dash != 1 {
 				return fmt.Errorf("want exactly one sandbox ID before --, got %d arguments", dash)
 			}
-			opts, err := execOptions(timeout, env, cwd)
+			opts, err := execOptions(timeout, env, cwd, user)
 			if err != nil {
 				return err
 			}
@@ -217,13 +218,14 @@ func newSandboxExecCmd() *cobra.Command {
 			return execute(cmd.Context(), cmd, sb, args[1:], opts)
 		},
 	}
-	addExecFlags(cmd, &timeout, &env, &cwd)
+	addExecFlags(cmd, &timeout, &env, &cwd, &user)
 	return cmd
 }
 
 // addExecFlags adds the flags shared by `sandbox exec` and `run`.
-func addExecFlags(cmd *cobra.Command, timeout *float64, env *[]string, cwd *string) {
+func addExecFlags(cmd *cobra.Command, timeout *float64, env *[]string, cwd *string, user *string) {
 	f := cmd.Flags()
+	f.StringVarP(user, "user", "u", "", `user to run as: "user" (the default, unprivileged) or "root"`)
 	f.Float64Var(timeout, "timeout", 0, "seconds before the command is killed (0: the server's default, 60)")
 	f.StringArrayVar(env, "env", nil, "environment variable K=V of the command (repeatable)")
 	if cwd != nil {
@@ -232,7 +234,7 @@ func addExecFlags(cmd *cobra.Command, timeout *float64, env *[]string, cwd *stri
 }
 
 // execOptions builds the SDK's exec options from flag values.
-func execOptions(timeoutSeconds float64, env []string, cwd string) (pandastack.ExecOptions, error) {
+func execOptions(timeoutSeconds float64, env []string, cwd, user string) (pandastack.ExecOptions, error) {
 	if timeoutSeconds < 0 {
 		return pandastack.ExecOptions{}, fmt.Errorf("--timeout must not be negative, got %v", timeoutSeconds)
 	}
@@ -244,6 +246,7 @@ func execOptions(timeoutSeconds float64, env []string, cwd string) (pandastack.E
 		Timeout: time.Duration(timeoutSeconds * float64(time.Second)),
 		Env:     vars,
 		Cwd:     cwd,
+		User:    user,
 	}, nil
 }
 

@@ -365,7 +365,7 @@ func holdMemory(t *testing.T, s *daemontest.Server, id string, mb int) {
 // zeros: a checkpoint leaves out pages that are.
 func startHolder(t *testing.T, s *daemontest.Server, id string, mb int) {
 	t.Helper()
-	cmd := fmt.Sprintf(`perl -e '@a = map { "m" x (64<<20) } 1..%d; open(F, ">/root/held"); close(F); sleep 1e6' </dev/null >/dev/null 2>&1 &`, mb/64)
+	cmd := fmt.Sprintf(`perl -e '@a = map { "m" x (64<<20) } 1..%d; open(F, ">$ENV{HOME}/held"); close(F); sleep 1e6' </dev/null >/dev/null 2>&1 &`, mb/64)
 	if res := s.Exec(t, id, wire.ExecRequest{Cmd: cmd}); res.ExitCode != 0 {
 		t.Fatalf("starting the memory holder: %+v", res)
 	}
@@ -384,7 +384,7 @@ func waitHeld(t *testing.T, s *daemontest.Server, id string, mb int) {
 // it holds all of it, else 0.
 func heldKB(t *testing.T, s *daemontest.Server, id string) (int, string) {
 	t.Helper()
-	res := s.Exec(t, id, wire.ExecRequest{Cmd: "test -e /root/held && ps -C perl -o rss="})
+	res := s.Exec(t, id, wire.ExecRequest{Cmd: "test -e $HOME/held && ps -C perl -o rss="})
 	kb, _ := strconv.Atoi(strings.TrimSpace(res.Stdout))
 	return kb, fmt.Sprintf("holder: %+v", res)
 }
@@ -394,7 +394,7 @@ func heldKB(t *testing.T, s *daemontest.Server, id string) (int, string) {
 // resumed by the exec).
 func checkKeeps(t *testing.T, s *daemontest.Server, id, marker string, heldMB int) {
 	t.Helper()
-	res := s.Exec(t, id, wire.ExecRequest{Cmd: "cat /root/marker"})
+	res := s.Exec(t, id, wire.ExecRequest{Cmd: "cat $HOME/marker"})
 	if res.Stdout != marker+"\n" {
 		t.Errorf("%s: marker: got %q, want %q (%+v)", id, res.Stdout, marker+"\n", res)
 	}
@@ -449,9 +449,9 @@ func TestStoppedAgent(t *testing.T) {
 			dataDir := crashDataDir(t)
 			p1 := startPatient(t, dataDir, append(slices.Clone(noWarmPool), tc.flags...)...)
 			healthy := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 600})
-			p1.Exec(t, healthy.ID, wire.ExecRequest{Cmd: "echo healthy > /root/marker"})
+			p1.Exec(t, healthy.ID, wire.ExecRequest{Cmd: "echo healthy > $HOME/marker"})
 			stuck := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 600})
-			if res := p1.Exec(t, stuck.ID, wire.ExecRequest{Cmd: stopAgentCmd}); res.ExitCode != 0 {
+			if res := p1.Exec(t, stuck.ID, wire.ExecRequest{Cmd: stopAgentCmd, User: wire.UserRoot}); res.ExitCode != 0 {
 				t.Fatalf("stopping the agent: %+v", res)
 			}
 			eventually(t, "the agent is stopped", func() (bool, string) { return agentStopped(t, dataDir, stuck.ID) })
@@ -588,7 +588,7 @@ func TestCrashMidCheckpoint(t *testing.T) {
 			for _, op := range ops {
 				sb := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 900, MemoryMB: 2048, Metadata: map[string]string{"op": op}})
 				sbs[op] = sb
-				p1.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo " + op + " > /root/marker"})
+				p1.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo " + op + " > $HOME/marker"})
 				startHolder(t, p1.Server, sb.ID, heldMB)
 			}
 			for _, op := range ops {
@@ -747,7 +747,7 @@ func TestShutdownPauseWithStream(t *testing.T) {
 	dataDir := crashDataDir(t)
 	p1 := startPatient(t, dataDir, append(slices.Clone(noWarmPool), "--on-shutdown", "pause")...)
 	sb := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 600})
-	p1.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo kept > /root/marker"})
+	p1.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo kept > $HOME/marker"})
 
 	// A stream that would last ten minutes, kept open by the test.
 	resp, err := send(context.Background(), p1.Server, "POST", "/v1/sandboxes/"+sb.ID+"/exec",
@@ -796,7 +796,7 @@ func TestPauseOutlivesClient(t *testing.T) {
 	const heldMB = 1024
 	s := daemontest.Start(t, func(c *daemon.Config) { c.Sandbox.PoolSize = 0 })
 	sb := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 600, MemoryMB: 2048})
-	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo kept > /root/marker"})
+	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo kept > $HOME/marker"})
 	holdMemory(t, s, sb.ID, heldMB)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
@@ -834,7 +834,7 @@ func TestSnapshotRecordsMatchFiles(t *testing.T) {
 	dataDir := crashDataDir(t)
 	p1 := startPatient(t, dataDir, noWarmPool...)
 	src := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 600})
-	p1.Exec(t, src.ID, wire.ExecRequest{Cmd: "echo snapped > /root/marker"})
+	p1.Exec(t, src.ID, wire.ExecRequest{Cmd: "echo snapped > $HOME/marker"})
 	var snaps []string
 	for range 3 {
 		sn := post[wire.Snapshot](t, p1.Server, "/v1/sandboxes/"+src.ID+"/snapshot", nil, http.StatusCreated)

@@ -77,7 +77,7 @@ func TestExec(t *testing.T) {
 	}
 	// argv is looked up as a shell would: relative to cwd, in the
 	// command's own PATH.
-	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "mkdir -p /opt/bin && printf '#!/bin/sh\necho tool $1\n' > /opt/bin/tool && chmod +x /opt/bin/tool"})
+	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "mkdir -p /opt/bin && printf '#!/bin/sh\necho tool $1\n' > /opt/bin/tool && chmod +x /opt/bin/tool", User: wire.UserRoot})
 	for _, req := range []wire.ExecRequest{
 		{Argv: []string{"./tool", "rel"}, Cwd: "/opt/bin"},
 		{Argv: []string{"tool", "path"}, Env: map[string]string{"PATH": "/opt/bin:/usr/bin:/bin"}},
@@ -275,9 +275,9 @@ func TestBadInput(t *testing.T) {
 func TestTenantsAreIsolated(t *testing.T) {
 	s := daemontest.Start(t, nil)
 	running := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 600, Metadata: map[string]string{"owner": "a"}})
-	s.Exec(t, running.ID, wire.ExecRequest{Cmd: "echo mine > /root/f"})
+	s.Exec(t, running.ID, wire.ExecRequest{Cmd: "echo mine > $HOME/f"})
 	paused := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 600})
-	s.Exec(t, paused.ID, wire.ExecRequest{Cmd: "echo mine > /root/f"})
+	s.Exec(t, paused.ID, wire.ExecRequest{Cmd: "echo mine > $HOME/f"})
 	post[wire.Sandbox](t, s, "/v1/sandboxes/"+paused.ID+"/pause", nil, http.StatusOK)
 	snap := post[wire.Snapshot](t, s, "/v1/sandboxes/"+running.ID+"/snapshot", nil, http.StatusCreated)
 	get := func(path string, v any) {
@@ -305,7 +305,7 @@ func TestTenantsAreIsolated(t *testing.T) {
 		"GET /v1/sandboxes/{id}":           nil,
 		"DELETE /v1/sandboxes/{id}":        nil,
 		"POST /v1/sandboxes/{id}/timeout":  wire.SetTimeoutRequest{TTLSeconds: 1},
-		"POST /v1/sandboxes/{id}/exec":     wire.ExecRequest{Cmd: "echo theirs > /root/f"},
+		"POST /v1/sandboxes/{id}/exec":     wire.ExecRequest{Cmd: "echo theirs > $HOME/f"},
 		"POST /v1/sandboxes/{id}/snapshot": wire.SnapshotRequest{},
 		"POST /v1/sandboxes/{id}/fork":     wire.ForkRequest{Count: 1},
 		"POST /v1/sandboxes/{id}/pause":    nil,
@@ -400,7 +400,7 @@ func TestTenantsAreIsolated(t *testing.T) {
 		t.Errorf("owner's snapshots: got %+v, want only %s", snapshots.Snapshots, snap.ID)
 	}
 	for _, id := range []string{running.ID, paused.ID} {
-		if res := s.Exec(t, id, wire.ExecRequest{Cmd: "cat /root/f"}); res.Stdout != "mine\n" || res.ExitCode != 0 {
+		if res := s.Exec(t, id, wire.ExecRequest{Cmd: "cat $HOME/f"}); res.Stdout != "mine\n" || res.ExitCode != 0 {
 			t.Errorf("owner's file in %s after the other tenant's attempts: %+v", id, res)
 		}
 	}
@@ -443,7 +443,7 @@ func TestLimitsAtCreate(t *testing.T) {
 	if sb.DiskMB != 100 || sb.Pids != 64 {
 		t.Fatalf("created %+v", sb)
 	}
-	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "dd if=/dev/zero of=/big bs=1M count=300 2>&1 | grep -o 'No space left on device'; df -m / | tail -1 | awk '{print $2}'"})
+	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "dd if=/dev/zero of=/big bs=1M count=300 2>&1 | grep -o 'No space left on device'; df -m / | tail -1 | awk '{print $2}'", User: wire.UserRoot})
 	if !strings.Contains(res.Stdout, "No space left on device") {
 		t.Errorf("disk fill past 100 MiB: %q", res.Stdout)
 	}

@@ -29,7 +29,7 @@ func bornBefore(t *testing.T, s *daemontest.Server, id string, requested time.Ti
 // hostname, its own env, a clean file system; it returns its random bytes.
 func checkFresh(t *testing.T, s *daemontest.Server, sb wire.Sandbox, req wire.CreateSandboxRequest) string {
 	t.Helper()
-	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "hostname; echo $WHO; cat /root/mark 2>/dev/null || echo clean; echo x > /root/mark; head -c 16 /dev/urandom | od -An -x"})
+	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "hostname; echo $WHO; cat $HOME/mark 2>/dev/null || echo clean; echo x > $HOME/mark; head -c 16 /dev/urandom | od -An -x"})
 	lines := strings.Split(strings.TrimSpace(res.Stdout), "\n")
 	if len(lines) != 4 || lines[0] != sb.ID || lines[1] != req.Env["WHO"] || lines[2] != "clean" {
 		t.Errorf("sandbox %s: got %q, want its id, WHO=%s, a clean file system, random bytes", sb.ID, res.Stdout, req.Env["WHO"])

@@ -142,11 +142,11 @@ func TestCrashRecovery(t *testing.T) {
 	a := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 1800, Metadata: map[string]string{"name": "a"}})
 	short := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 4})
 	paused := p1.Create(t, wire.CreateSandboxRequest{TTLSeconds: 1800})
-	p1.Exec(t, paused.ID, wire.ExecRequest{Cmd: "echo asleep > /root/p"})
+	p1.Exec(t, paused.ID, wire.ExecRequest{Cmd: "echo asleep > $HOME/p"})
 	if resp, b := p1.Do(t, "POST", "/v1/sandboxes/"+paused.ID+"/pause", nil); resp.StatusCode != 200 {
 		t.Fatalf("pause: %d %s", resp.StatusCode, b)
 	}
-	if res := p1.Exec(t, a.ID, wire.ExecRequest{Cmd: "echo kept > /root/f; (setsid sleep 1000 >/dev/null 2>&1 &); until pgrep -x sleep >/dev/null; do sleep 0.05; done; echo started",
+	if res := p1.Exec(t, a.ID, wire.ExecRequest{Cmd: "echo kept > $HOME/f; (setsid sleep 1000 >/dev/null 2>&1 &); until pgrep -x sleep >/dev/null; do sleep 0.05; done; echo started",
 		TimeoutSeconds: patience.Seconds()}); res.ExitCode != 0 {
 		t.Fatalf("setup exec: %+v", res)
 	}
@@ -182,7 +182,7 @@ func TestCrashRecovery(t *testing.T) {
 	if resp.StatusCode != 200 || got.Metadata["name"] != "a" || !got.ExpiresAt.Equal(a.ExpiresAt) {
 		t.Fatalf("re-adopted sandbox: %d %s", resp.StatusCode, b)
 	}
-	res := p2.Exec(t, a.ID, wire.ExecRequest{Cmd: "cat /root/f; ps -eo args | grep -c '^sleep 1000'"})
+	res := p2.Exec(t, a.ID, wire.ExecRequest{Cmd: "cat $HOME/f; ps -eo args | grep -c '^sleep 1000'"})
 	if res.Stdout != "kept\n1\n" {
 		t.Errorf("re-adopted sandbox lost state: got %q, want %q", res.Stdout, "kept\n1\n")
 	}
@@ -198,7 +198,7 @@ func TestCrashRecovery(t *testing.T) {
 	if s := recordState(t, dataDir, paused.ID); s != wire.StatePaused {
 		t.Errorf("paused record after restart: state %q", s)
 	}
-	if res := p2.Exec(t, paused.ID, wire.ExecRequest{Cmd: "cat /root/p"}); res.Stdout != "asleep\n" {
+	if res := p2.Exec(t, paused.ID, wire.ExecRequest{Cmd: "cat $HOME/p"}); res.Stdout != "asleep\n" {
 		t.Errorf("paused sandbox after restart: %+v", res)
 	}
 	// The re-adopted short-lived sandbox still expires (if a slow machine

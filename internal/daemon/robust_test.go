@@ -68,7 +68,7 @@ func TestStoppedAgentCannotFreezeTheServer(t *testing.T) {
 	}
 	done := make(chan answer, 1)
 	go func() {
-		resp, b := s.Do(t, "POST", "/v1/sandboxes/"+victim.ID+"/exec", wire.ExecRequest{Cmd: "kill -STOP 1; echo never", TimeoutSeconds: 10})
+		resp, b := s.Do(t, "POST", "/v1/sandboxes/"+victim.ID+"/exec", wire.ExecRequest{Cmd: "kill -STOP 1; echo never", TimeoutSeconds: 10, User: wire.UserRoot})
 		done <- answer{resp.StatusCode, b}
 	}()
 	// While the exec hangs (at least 10 s + 1 s + 3 s by the timers):
@@ -93,7 +93,7 @@ func TestStoppedAgentCannotFreezeTheServer(t *testing.T) {
 
 	// Pause a sandbox whose agent is stopped, then resume it.
 	paused := s.Create(t, wire.CreateSandboxRequest{MemoryMB: 256})
-	s.Exec(t, paused.ID, wire.ExecRequest{Cmd: stopAgentCmd})
+	s.Exec(t, paused.ID, wire.ExecRequest{Cmd: stopAgentCmd, User: wire.UserRoot})
 	eventually(t, "the agent is stopped", func() (bool, string) { return agentStopped(t, s.DataDir, paused.ID) })
 	if resp, b := s.Do(t, "POST", "/v1/sandboxes/"+paused.ID+"/pause", nil); resp.StatusCode != http.StatusOK {
 		t.Fatalf("pause: %d %s", resp.StatusCode, b)
@@ -119,7 +119,7 @@ func TestStoppedAgentCannotFreezeTheServer(t *testing.T) {
 func TestInitStdioIsNotAHostFile(t *testing.T) {
 	s := daemontest.Start(t, nil)
 	sb := s.Create(t, wire.CreateSandboxRequest{DiskMB: 64})
-	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "for fd in 1 2; do dd if=/dev/zero of=/proc/1/fd/$fd bs=1M count=200; done; printf garbage > /proc/1/fd/1; echo done", TimeoutSeconds: 60})
+	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "for fd in 1 2; do dd if=/dev/zero of=/proc/1/fd/$fd bs=1M count=200; done; printf garbage > /proc/1/fd/1; echo done", TimeoutSeconds: 60, User: wire.UserRoot})
 	if !strings.Contains(res.Stdout, "done") {
 		t.Fatalf("exec: %+v", res)
 	}
@@ -171,7 +171,8 @@ func TestWhatEndsASandboxIsNamed(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			sb := s.Create(t, wire.CreateSandboxRequest{MemoryMB: tc.memoryMB})
-			resp, b := s.Do(t, "POST", "/v1/sandboxes/"+sb.ID+"/exec", wire.ExecRequest{Cmd: tc.cmd, TimeoutSeconds: 120})
+			// As root: the worst a tenant can ask for.
+			resp, b := s.Do(t, "POST", "/v1/sandboxes/"+sb.ID+"/exec", wire.ExecRequest{Cmd: tc.cmd, TimeoutSeconds: 120, User: wire.UserRoot})
 			if tc.wantAlive {
 				if resp.StatusCode != http.StatusOK || !strings.Contains(string(b), tc.wantOut) {
 					t.Fatalf("exec: got %d %s, want 200 with %q", resp.StatusCode, b, tc.wantOut)
@@ -510,5 +511,34 @@ func TestSnapshotLimitsAndQuotaForReal(t *testing.T) {
 	resp, b = s.Do(t, "POST", "/v1/sandboxes/"+src.ID+"/snapshot", nil)
 	if resp.StatusCode != http.StatusTooManyRequests || errorBody(t, b).Code != "quota_exceeded" {
 		t.Errorf("snapshot past the stored quota: got %d %s, want 429", resp.StatusCode, b)
+	}
+}
+
+// Issue 8: commands run as the unprivileged user unless a call asks for
+// root; an unknown user is a 400.
+func TestDefaultUserIsUnprivileged(t *testing.T) {
+	s := daemontest.Start(t, nil)
+	sb := s.Create(t, wire.CreateSandboxRequest{})
+	for _, tc := range []struct {
+		user, want string
+	}{
+		{"", "1000 1000 user /home/user /home/user"},
+		{wire.UserDefault, "1000 1000 user /home/user /home/user"},
+		{wire.UserRoot, "0 0 root /root /root"},
+	} {
+		res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: `echo $(id -u) $(id -g) $(id -un) $HOME $(pwd)`, User: tc.user})
+		if got := strings.TrimSpace(res.Stdout); got != tc.want {
+			t.Errorf("user %q: got %q, want %q", tc.user, got, tc.want)
+		}
+	}
+	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "touch /etc/x 2>&1; echo rc=$?"})
+	if !strings.Contains(res.Stdout, "Permission denied") {
+		t.Errorf("the default user wrote to /etc: %q", res.Stdout)
+	}
+	for _, u := range []string{"nobody-here", "Root", "../x"} {
+		resp, b := s.Do(t, "POST", "/v1/sandboxes/"+sb.ID+"/exec", wire.ExecRequest{Cmd: "true", User: u})
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("user %q: got %d %s, want 400", u, resp.StatusCode, b)
+		}
 	}
 }

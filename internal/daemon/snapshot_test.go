@@ -66,7 +66,7 @@ func post[T any](t *testing.T, s *daemontest.Server, path string, body any, want
 func TestSnapshotAndCreateFromIt(t *testing.T) {
 	s := daemontest.Start(t, nil)
 	src := s.Create(t, wire.CreateSandboxRequest{Env: map[string]string{"ORIGIN": "src"}})
-	execCounter(t, s, src.ID, "echo saved > /root/f; "+counterCmd)
+	execCounter(t, s, src.ID, "echo saved > $HOME/f; "+counterCmd)
 	before := count(t, s, src.ID)
 
 	snap := post[wire.Snapshot](t, s, "/v1/sandboxes/"+src.ID+"/snapshot", nil, http.StatusCreated)
@@ -79,7 +79,7 @@ func TestSnapshotAndCreateFromIt(t *testing.T) {
 	if sb.ID == src.ID || sb.Template != "base" {
 		t.Fatalf("created from snapshot: %+v", sb)
 	}
-	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /root/f; hostname; echo $ORIGIN"})
+	res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat $HOME/f; hostname; echo $ORIGIN"})
 	if want := "saved\n" + sb.ID + "\nsrc\n"; res.Stdout != want {
 		t.Errorf("restored sandbox: got %q, want %q", res.Stdout, want)
 	}
@@ -115,7 +115,7 @@ func TestSnapshotAndCreateFromIt(t *testing.T) {
 func TestFork(t *testing.T) {
 	s := daemontest.Start(t, nil)
 	parent := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 900})
-	execCounter(t, s, parent.ID, "echo parent > /root/f; "+counterCmd)
+	execCounter(t, s, parent.ID, "echo parent > $HOME/f; "+counterCmd)
 	before := count(t, s, parent.ID)
 
 	forkedAt := time.Now()
@@ -135,7 +135,7 @@ func TestFork(t *testing.T) {
 		if c.ID == parent.ID || c.ExpiresAt.Before(forkedAt.Add(599*time.Second)) || c.ExpiresAt.After(forkedBy.Add(601*time.Second)) {
 			t.Errorf("fork %d: %+v, want a new id and a TTL of 600 s from %v", i, c, forkedAt)
 		}
-		res := s.Exec(t, c.ID, wire.ExecRequest{Cmd: "cat /root/f; hostname; echo child" + strconv.Itoa(i) + " > /root/f; head -c 16 /dev/urandom | od -An -x"})
+		res := s.Exec(t, c.ID, wire.ExecRequest{Cmd: "cat $HOME/f; hostname; echo child" + strconv.Itoa(i) + " > $HOME/f; head -c 16 /dev/urandom | od -An -x"})
 		lines := strings.Split(strings.TrimSpace(res.Stdout), "\n")
 		if len(lines) != 3 || lines[0] != "parent" || lines[1] != c.ID {
 			t.Errorf("fork %d: got %q", i, res.Stdout)
@@ -149,11 +149,11 @@ func TestFork(t *testing.T) {
 	}
 	// Each fork's writes are its own.
 	for i, c := range fr.Sandboxes {
-		if res := s.Exec(t, c.ID, wire.ExecRequest{Cmd: "cat /root/f"}); res.Stdout != "child"+strconv.Itoa(i)+"\n" {
+		if res := s.Exec(t, c.ID, wire.ExecRequest{Cmd: "cat $HOME/f"}); res.Stdout != "child"+strconv.Itoa(i)+"\n" {
 			t.Errorf("fork %d sees %q", i, res.Stdout)
 		}
 	}
-	if res := s.Exec(t, parent.ID, wire.ExecRequest{Cmd: "cat /root/f"}); res.Stdout != "parent\n" {
+	if res := s.Exec(t, parent.ID, wire.ExecRequest{Cmd: "cat $HOME/f"}); res.Stdout != "parent\n" {
 		t.Errorf("parent sees %q", res.Stdout)
 	}
 	counting(t, s, parent.ID, before)
@@ -193,7 +193,7 @@ func TestPauseResumeThreeTimes(t *testing.T) {
 	execCounter(t, s, sb.ID, counterCmd)
 	last := count(t, s, sb.ID)
 	for round := 1; round <= 3; round++ {
-		s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo " + strconv.Itoa(round) + " > /root/file" + strconv.Itoa(round)})
+		s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo " + strconv.Itoa(round) + " > $HOME/file" + strconv.Itoa(round)})
 		p := post[wire.Sandbox](t, s, "/v1/sandboxes/"+sb.ID+"/pause", nil, http.StatusOK)
 		if p.State != wire.StatePaused || p.PausedBytes <= 0 {
 			t.Fatalf("round %d: paused %+v", round, p)
@@ -220,7 +220,7 @@ func TestPauseResumeThreeTimes(t *testing.T) {
 		for i := 1; i <= round; i++ {
 			want.WriteString(strconv.Itoa(i) + "\n")
 		}
-		if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /root/file*"}); res.Stdout != want.String() {
+		if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat $HOME/file*"}); res.Stdout != want.String() {
 			t.Errorf("round %d: files %q, want %q", round, res.Stdout, want.String())
 		}
 		counting(t, s, sb.ID, last)
@@ -245,7 +245,7 @@ func TestOnTimeoutPause(t *testing.T) {
 	if sb.OnTimeout != "pause" {
 		t.Fatalf("created %+v", sb)
 	}
-	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo kept > /root/f"})
+	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "echo kept > $HOME/f"})
 	paused := func() (bool, string) {
 		resp, b := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)
 		if resp.StatusCode != 200 {
@@ -259,7 +259,7 @@ func TestOnTimeoutPause(t *testing.T) {
 	// again; then it tries again.
 	for deadline := time.Now().Add(patience); ; {
 		start := time.Now()
-		if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat /root/f"}); res.Stdout != "kept\n" {
+		if res := s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "cat $HOME/f"}); res.Stdout != "kept\n" {
 			t.Errorf("after auto-resume: %+v", res)
 		}
 		resp, b := s.Do(t, "GET", "/v1/sandboxes/"+sb.ID, nil)

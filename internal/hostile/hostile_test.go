@@ -733,7 +733,7 @@ func (r *run) hostileExec(timeout time.Duration) {
 	r.res = wire.ExecResult{}
 	start := time.Now()
 	r.status, r.body = r.h.call(r.t, timeout+patience, "POST", "/v1/sandboxes/"+r.sb.ID+"/exec",
-		wire.ExecRequest{Cmd: r.cmd, TimeoutSeconds: timeout.Seconds()})
+		wire.ExecRequest{Cmd: r.cmd, TimeoutSeconds: timeout.Seconds(), User: wire.UserRoot})
 	r.elapsed = time.Since(start)
 	if r.status == http.StatusOK {
 		if err := json.Unmarshal(r.body, &r.res); err != nil {
@@ -1121,6 +1121,8 @@ func (h *harness) hostPath(p string) string {
 var baseEnvNames = map[string]bool{
 	"PATH": true, "HOME": true, "LANG": true, "TERM": true, "PYTHONUNBUFFERED": true, "MPLBACKEND": true,
 	"PWD": true, "SHLVL": true, "_": true, "OLDPWD": true,
+	// Who the command runs as, set by the agent.
+	"USER": true, "LOGNAME": true,
 }
 
 // checkEnv asserts that an environment listing from inside a sandbox holds
@@ -1267,7 +1269,7 @@ func (h *harness) do(timeout time.Duration, method, path string, body any) (int,
 // execIn runs a command in a sandbox and fails the test unless it answers.
 func (h *harness) execIn(t *testing.T, id, cmd string, timeout time.Duration) wire.ExecResult {
 	t.Helper()
-	st, b := h.call(t, timeout+patience, "POST", "/v1/sandboxes/"+id+"/exec", wire.ExecRequest{Cmd: cmd, TimeoutSeconds: timeout.Seconds()})
+	st, b := h.call(t, timeout+patience, "POST", "/v1/sandboxes/"+id+"/exec", wire.ExecRequest{Cmd: cmd, TimeoutSeconds: timeout.Seconds(), User: wire.UserRoot})
 	if st != http.StatusOK {
 		t.Fatalf("exec %q in %s: status %d: %s", cmd, id, st, b)
 	}

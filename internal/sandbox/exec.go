@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"strings"
 	"time"
 
@@ -62,6 +63,7 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 	// The sandbox's own env applies to every command, also after a restore
 	// whose agent started with another sandbox's environment.
 	areq.Env = envList(mergeMaps(in.rec.Env, req.Env))
+	areq.User = in.user(req.User)
 	in.mu.Unlock()
 	defer func() {
 		in.mu.Lock()
@@ -85,6 +87,9 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 	dur := time.Since(start)
 	if err != nil {
 		return wire.ExecResult{}, m.execError(ctx, ectx, in, client, timeout, err)
+	}
+	if ex.Invalid {
+		return wire.ExecResult{}, errdefs.Invalid("%s", ex.Error)
 	}
 	return wire.ExecResult{
 		ExitCode:   ex.ExitCode,
@@ -192,6 +197,9 @@ func (m *Manager) execRequest(req wire.ExecRequest) (agent.ExecRequest, time.Dur
 	if strings.ContainsRune(req.Cwd, 0) || len(req.Cwd) > 4096 {
 		return agent.ExecRequest{}, 0, errdefs.Invalid("cwd must be at most 4096 bytes without NUL bytes")
 	}
+	if err := checkUser(req.User); err != nil {
+		return agent.ExecRequest{}, 0, err
+	}
 	timeout := m.cfg.DefaultExecTimeout
 	if req.TimeoutSeconds != 0 {
 		// Compare as floats first: a huge value would overflow Duration.
@@ -205,4 +213,29 @@ func (m *Manager) execRequest(req wire.ExecRequest) (agent.ExecRequest, time.Dur
 	ms := max(timeout.Milliseconds(), 1)
 	return agent.ExecRequest{Argv: argv, Env: envList(req.Env), Cwd: req.Cwd, TimeoutMS: ms,
 		MaxOutputBytes: int64(m.cfg.MaxOutputBytes)}, timeout, nil
+}
+
+var userName = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
+
+// checkUser validates the user a call asks to run as ("" for the default).
+func checkUser(name string) error {
+	if name != "" && !userName.MatchString(name) {
+		return errdefs.Invalid("user must be a user name of the sandbox such as %q or %q, got %q", wire.UserDefault, wire.UserRoot, truncate(name, 64))
+	}
+	return nil
+}
+
+// user is who a call runs as in the sandbox: the one asked for, else the
+// unprivileged default user — except in sandboxes made from a template
+// build that predates that user (recorded without a template hash), where
+// commands have always run as root. The caller holds in.mu.
+func (in *instance) user(asked string) string {
+	switch {
+	case asked != "":
+		return asked
+	case in.rec.TemplateHash == "":
+		return wire.UserRoot
+	default:
+		return wire.UserDefault
+	}
 }

@@ -16,7 +16,8 @@ import (
 )
 
 // Regression tests for issue 7's lifecycle defects, on the fake runtime
-// (fake_test.go). Each names the defect it reproduces.
+// (fake_test.go). Each names the defect it reproduces. Commands run as
+// root: the fake's agent runs on the host, which has no sandbox user.
 
 const tenant = "t"
 
@@ -32,7 +33,7 @@ func (e *lifecycleEnv) create(t *testing.T, req wire.CreateSandboxRequest) wire.
 func (e *lifecycleEnv) exec(ctx context.Context, id, cmd string) (wire.ExecResult, string, error) {
 	var mu sync.Mutex
 	var out strings.Builder
-	res, err := e.m.Exec(ctx, tenant, id, wire.ExecRequest{Cmd: cmd}, func(_ string, b []byte) error {
+	res, err := e.m.Exec(ctx, tenant, id, wire.ExecRequest{User: wire.UserRoot, Cmd: cmd}, func(_ string, b []byte) error {
 		mu.Lock()
 		out.Write(b)
 		mu.Unlock()
@@ -325,7 +326,7 @@ func TestStoppedAgentEndsItsSandbox(t *testing.T) {
 	ctx := context.Background()
 	errc := make(chan error, 1)
 	go func() {
-		_, err := e.m.Exec(ctx, tenant, sb.ID, wire.ExecRequest{Cmd: "true", TimeoutSeconds: 0.2}, func(string, []byte) error { return nil })
+		_, err := e.m.Exec(ctx, tenant, sb.ID, wire.ExecRequest{User: wire.UserRoot, Cmd: "true", TimeoutSeconds: 0.2}, func(string, []byte) error { return nil })
 		errc <- err
 	}()
 	// Meanwhile nothing else waits on it.
@@ -382,7 +383,7 @@ func TestExecCutByPauseSaysPaused(t *testing.T) {
 	errc := make(chan error, 1)
 	go func() {
 		var once sync.Once
-		_, err := e.m.Exec(ctx, tenant, sb.ID, wire.ExecRequest{Cmd: "echo go; sleep 30"}, func(string, []byte) error {
+		_, err := e.m.Exec(ctx, tenant, sb.ID, wire.ExecRequest{User: wire.UserRoot, Cmd: "echo go; sleep 30"}, func(string, []byte) error {
 			once.Do(func() { close(started) })
 			return nil
 		})
@@ -611,7 +612,7 @@ func TestStartReconcilesCrashLeftovers(t *testing.T) {
 	}
 	if _, out, err := func() (wire.ExecResult, string, error) {
 		var sb strings.Builder
-		r, err := m2.Exec(ctx, tenant, a.ID, wire.ExecRequest{Cmd: "echo resumed"}, func(_ string, b []byte) error { sb.Write(b); return nil })
+		r, err := m2.Exec(ctx, tenant, a.ID, wire.ExecRequest{User: wire.UserRoot, Cmd: "echo resumed"}, func(_ string, b []byte) error { sb.Write(b); return nil })
 		return r, sb.String(), err
 	}(); err != nil || out != "resumed\n" {
 		t.Errorf("exec in the kept-paused sandbox: got %q, %v", out, err)
@@ -635,7 +636,7 @@ func TestDeathCauseIsNamed(t *testing.T) {
 			errc := make(chan error, 1)
 			go func() {
 				var once sync.Once
-				_, err := e.m.Exec(context.Background(), tenant, sb.ID, wire.ExecRequest{Cmd: "echo go; sleep 30"}, func(string, []byte) error {
+				_, err := e.m.Exec(context.Background(), tenant, sb.ID, wire.ExecRequest{User: wire.UserRoot, Cmd: "echo go; sleep 30"}, func(string, []byte) error {
 					once.Do(func() { close(started) })
 					return nil
 				})

@@ -169,6 +169,10 @@ type ExecOptions struct {
 	Cwd string
 	// Stdin is given to the process as its standard input.
 	Stdin string
+	// User runs the command as that user of the sandbox: "user" (the
+	// default, unprivileged; also the default cwd, its home /home/user) or
+	// "root".
+	User string
 	// OnStdout and OnStderr, when either is set, switch to streamed output:
 	// they are called with each chunk as it arrives, in order, on the
 	// goroutine that called Exec. The result still holds the whole output.
@@ -188,7 +192,7 @@ func (s *Sandbox) ExecArgv(ctx context.Context, argv []string, opts ExecOptions)
 }
 
 func (s *Sandbox) exec(ctx context.Context, req wire.ExecRequest, opts ExecOptions) (*wire.ExecResult, error) {
-	req.Env, req.Cwd, req.Stdin = opts.Env, opts.Cwd, opts.Stdin
+	req.Env, req.Cwd, req.Stdin, req.User = opts.Env, opts.Cwd, opts.Stdin, opts.User
 	req.TimeoutSeconds = opts.Timeout.Seconds()
 	var (
 		res *wire.ExecResult

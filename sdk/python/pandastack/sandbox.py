@@ -199,7 +199,8 @@ class Sandbox:
              env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
              stdin: Optional[Union[str, bytes]] = None,
              on_stdout: Optional[OutputCallback] = None,
-             on_stderr: Optional[OutputCallback] = None) -> ExecResult:
+             on_stderr: Optional[OutputCallback] = None,
+             user: Optional[str] = None) -> ExecResult:
         """Run a command in the sandbox and wait for it to exit.
 
         ``cmd`` is a string run by ``/bin/sh -c`` or a list of arguments run
@@ -207,7 +208,8 @@ class Sandbox:
         has ``timed_out=True`` and ``exit_code=124``. With ``on_stdout`` or
         ``on_stderr`` the output is streamed: each callback gets every chunk
         of text as it is produced, and the returned result still holds all of
-        it.
+        it. Commands run as the unprivileged ``user`` (home and default
+        working directory ``/home/user``) unless ``user="root"``.
         """
         body: Dict[str, Any] = {}
         if isinstance(cmd, str):
@@ -229,6 +231,8 @@ class Sandbox:
             body["stdin"] = stdin
         if timeout_seconds is not None:
             body["timeout_seconds"] = timeout_seconds
+        if user is not None:
+            body["user"] = user
 
         # The answer comes only when the command ends: wait longer than it may run.
         command_timeout = timeout_seconds if timeout_seconds is not None else DEFAULT_EXEC_TIMEOUT
