@@ -66,6 +66,9 @@ type Request struct {
 	Exec *ExecRequest `json:"exec,omitempty"`
 	// Reclaim is set for OpReclaim.
 	Reclaim *Reclaim `json:"reclaim,omitempty"`
+	// Args carries the arguments of the other operations (ops.go), as
+	// JSON of the operation's own type.
+	Args json.RawMessage `json:"args,omitempty"`
 }
 
 // ExecRequest asks the agent to run one process.

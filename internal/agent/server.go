@@ -171,6 +171,9 @@ func (s *Server) handle(ctx context.Context, st *yamux.Stream) {
 		}
 		_ = WriteJSON(st, FrameReply, s.reclaim(*req.Reclaim))
 	default:
+		if s.handleOp(ctx, st, req) {
+			return
+		}
 		_ = WriteJSON(st, FrameExit, Exit{ExitCode: -1, Error: fmt.Sprintf("unknown op %q", req.Op)})
 	}
 }
