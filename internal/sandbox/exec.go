@@ -29,47 +29,17 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 	if err != nil {
 		return wire.ExecResult{}, err
 	}
-	in, err := m.lookup(tenant, id)
+	in, client, release, err := m.acquire(ctx, tenant, id)
 	if err != nil {
 		return wire.ExecResult{}, err
 	}
+	defer release()
 	in.mu.Lock()
-	running := in.phase == phaseRunning
-	in.mu.Unlock()
-	if !running {
-		if err := in.op.lock(ctx); err != nil {
-			return wire.ExecResult{}, err
-		}
-		err := m.ensureRunningLocked(ctx, in)
-		in.op.unlock()
-		if err != nil {
-			return wire.ExecResult{}, err
-		}
-	}
-	in.mu.Lock()
-	if in.phase != phaseRunning && in.phase != phasePausing || in.client == nil {
-		in.mu.Unlock()
-		if in.phase >= phaseStopping {
-			return wire.ExecResult{}, errGone(in)
-		}
-		return wire.ExecResult{}, errdefs.Conflict("sandbox %q is %s; try again", id, in.phase)
-	}
-	if in.execs >= m.cfg.MaxExecsPerSandbox {
-		in.mu.Unlock()
-		return wire.ExecResult{}, errdefs.Quota("sandbox %q already runs %d commands, the most it may run at once", id, m.cfg.MaxExecsPerSandbox)
-	}
-	in.execs++
-	client := in.client
 	// The sandbox's own env applies to every command, also after a restore
 	// whose agent started with another sandbox's environment.
 	areq.Env = envList(mergeMaps(in.rec.Env, req.Env))
 	areq.User = in.user(req.User)
 	in.mu.Unlock()
-	defer func() {
-		in.mu.Lock()
-		in.execs--
-		in.mu.Unlock()
-	}()
 	if err := checkFrameSize(areq); err != nil {
 		return wire.ExecResult{}, err
 	}
@@ -97,6 +67,78 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 		Truncated:  ex.Truncated,
 		DurationMS: float64(dur.Microseconds()) / 1000,
 	}, nil
+}
+
+// acquire returns the tenant's sandbox, running (a paused one is resumed),
+// and its agent session, counted as one of the sandbox's calls in progress
+// (MaxExecsPerSandbox bounds them: commands, file transfers, watches, …)
+// until release is called. Every call into a sandbox goes through it.
+func (m *Manager) acquire(ctx context.Context, tenant, id string) (in *instance, client *agent.Client, release func(), err error) {
+	in, err = m.lookup(tenant, id)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	in.mu.Lock()
+	running := in.phase == phaseRunning
+	in.mu.Unlock()
+	if !running {
+		if err := in.op.lock(ctx); err != nil {
+			return nil, nil, nil, err
+		}
+		err := m.ensureRunningLocked(ctx, in)
+		in.op.unlock()
+		if err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.phase != phaseRunning && in.phase != phasePausing || in.client == nil {
+		if in.phase >= phaseStopping {
+			return nil, nil, nil, errGone(in)
+		}
+		return nil, nil, nil, errdefs.Conflict("sandbox %q is %s; try again", id, in.phase)
+	}
+	if in.execs >= m.cfg.MaxExecsPerSandbox {
+		return nil, nil, nil, errdefs.Quota("sandbox %q already runs %d calls, the most it may run at once", id, m.cfg.MaxExecsPerSandbox)
+	}
+	in.execs++
+	release = func() {
+		in.mu.Lock()
+		in.execs--
+		in.mu.Unlock()
+	}
+	return in, in.client, release, nil
+}
+
+// agentError turns the error of an agent call into the caller's: an
+// operation's own failure (*agent.OpError) by its kind, a session that
+// ended by its cause, anything else as the sandbox being unavailable.
+func (m *Manager) agentError(ctx context.Context, in *instance, client *agent.Client, err error) error {
+	var oe *agent.OpError
+	switch {
+	case errors.As(err, &oe):
+		switch oe.Kind {
+		case agent.ErrKindInvalid:
+			return errdefs.Invalid("%s", oe.Message)
+		case agent.ErrKindNotFound:
+			return errdefs.NotFound("%s", oe.Message)
+		case agent.ErrKindExists, agent.ErrKindDenied:
+			return errdefs.Conflict("%s", oe.Message)
+		case agent.ErrKindNoSpace:
+			return errdefs.InsufficientStorage("%s", oe.Message)
+		}
+		return errdefs.Wrap(errdefs.ErrUnavailable, err, "the sandbox could not do it: %s", oe.Message)
+	case ctx.Err() != nil:
+		return fmt.Errorf("calling the sandbox's agent: %w", ctx.Err())
+	case client.IsClosed():
+		select {
+		case <-in.ended:
+		case <-time.After(2 * time.Second):
+		}
+		return in.sessionEndedError()
+	}
+	return errdefs.Wrap(errdefs.ErrUnavailable, err, "calling sandbox %q failed", in.id)
 }
 
 // execError explains why a command's stream ended without its exit.
