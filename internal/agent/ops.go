@@ -59,6 +59,9 @@ func decodeArgs(st *yamux.Stream, req Request, v any) bool {
 // an operation it does not know.
 func (s *Server) handleOp(ctx context.Context, st *yamux.Stream, req Request) bool {
 	switch req.Op {
+	case OpProcessStart, OpProcessList, OpProcessGet, OpProcessStdin, OpProcessSignal,
+		OpProcessResize, OpProcessWait, OpProcessAttach:
+		return s.handleProcessOp(ctx, st, req)
 	default:
 		return false
 	}

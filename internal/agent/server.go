@@ -48,6 +48,9 @@ type Server struct {
 	// oomKilled maps the process group of a process a reclaim killed to
 	// the memory limit, for its exec's caller (reclaim.go).
 	oomKilled map[int]int
+
+	// procs holds the background processes (process.go).
+	procs processTable
 }
 
 // NewServer returns a Server and starts its reaper, which runs until ctx ends.
