@@ -96,7 +96,15 @@ func (m *Manager) reapOne(ctx context.Context, in *instance) {
 		if err == nil {
 			return
 		}
-		if now.Before(expired.Add(m.cfg.PauseGiveUp)) && ctx.Err() == nil {
+		if ctx.Err() != nil {
+			// The server is shutting down (which may be what failed the
+			// pause): the shutdown deals with the sandbox as OnShutdown
+			// says, or the next start does. Destroying it here would
+			// lose what the tenant asked to keep.
+			m.log.Warn("pausing timed-out sandbox failed at shutdown; leaving it to the shutdown", "id", in.id, "err", err)
+			return
+		}
+		if now.Before(expired.Add(m.cfg.PauseGiveUp)) {
 			m.log.Error("pausing timed-out sandbox; trying again later", "id", in.id, "retry_in", m.cfg.PauseRetry, "err", err)
 			in.mu.Lock()
 			in.retryAt = now.Add(m.cfg.PauseRetry)

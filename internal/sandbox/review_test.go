@@ -1,0 +1,152 @@
+package sandbox
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/pandastack/pandastack/internal/runtime"
+	"github.com/pandastack/pandastack/internal/store"
+	"github.com/pandastack/pandastack/internal/template"
+	"github.com/pandastack/pandastack/wire"
+)
+
+// Regression tests for lifecycle defects found in review, on the fake
+// runtime (fake_test.go).
+
+// hookStore is the real store with hooks around the writes the lifecycle
+// tests need to interleave with.
+type hookStore struct {
+	*store.Store
+	mu sync.Mutex
+	// afterPaused runs after a SetSandboxPaused write has been made.
+	afterPaused func(id string, paused bool)
+	// storedBytes runs before StoredBytes reads.
+	storedBytes func()
+	// gotSnapshot runs after GetSnapshot has read.
+	gotSnapshot func(id string)
+}
+
+func (s *hookStore) GetSnapshot(ctx context.Context, tenant, id string) (store.Snapshot, error) {
+	sn, err := s.Store.GetSnapshot(ctx, tenant, id)
+	s.mu.Lock()
+	hook := s.gotSnapshot
+	s.mu.Unlock()
+	if err == nil && hook != nil {
+		hook(id)
+	}
+	return sn, err
+}
+
+func (s *hookStore) SetSandboxPaused(ctx context.Context, id string, paused bool, bytes int64, expires time.Time) error {
+	err := s.Store.SetSandboxPaused(ctx, id, paused, bytes, expires)
+	s.mu.Lock()
+	hook := s.afterPaused
+	s.mu.Unlock()
+	if err == nil && hook != nil {
+		hook(id, paused)
+	}
+	return err
+}
+
+func (s *hookStore) StoredBytes(ctx context.Context, tenant string) (int64, error) {
+	s.mu.Lock()
+	hook := s.storedBytes
+	s.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
+	return s.Store.StoredBytes(ctx, tenant)
+}
+
+// newHookedEnv is newLifecycleEnv with the manager's store wrapped in a
+// hookStore.
+func newHookedEnv(t *testing.T, mut func(*Config)) (*lifecycleEnv, *hookStore) {
+	t.Helper()
+	return newHookedEnvWith(t, mut, nil)
+}
+
+// newHookedEnvWith is newHookedEnv whose runtime is set up by before
+// before the manager starts.
+func newHookedEnvWith(t *testing.T, mut func(*Config), before func(*fakeRuntime)) (*lifecycleEnv, *hookStore) {
+	t.Helper()
+	rt := newFakeRuntime(t)
+	if before != nil {
+		before(rt)
+	}
+	dir := t.TempDir()
+	st, err := store.Open(context.Background(), filepath.Join(dir, "state.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{ReapInterval: 20 * time.Millisecond, PoolSize: 0, MinFreeDiskMB: 1}
+	if mut != nil {
+		mut(&cfg)
+	}
+	hs := &hookStore{Store: st}
+	e := &lifecycleEnv{rt: rt, st: st, dir: dir}
+	e.m = NewManager(Options{
+		Config: cfg, Runtime: rt, Store: hs, StateDir: dir,
+		Templates:   fakeTemplates{template.Template{Definition: template.Definition{Name: "base"}, Hash: "h", Rootfs: t.TempDir()}},
+		AgentBinary: exe,
+	})
+	if err := e.m.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.m.Close(context.Background()) })
+	return e, hs
+}
+
+func (f *fakeRuntime) setCheckpoint(fn func(ctx context.Context, id string) error) {
+	f.mu.Lock()
+	f.checkpoint = fn
+	f.mu.Unlock()
+}
+
+func (f *fakeRuntime) setRestore(fn func(ctx context.Context, id string) error) {
+	f.mu.Lock()
+	f.restore = fn
+	f.mu.Unlock()
+}
+
+// A pause at the TTL (on_timeout "pause") that fails while the server shuts
+// down must leave the sandbox to the shutdown (here: kept for the next
+// daemon), not destroy it as if the pause had failed for too long.
+func TestTimeoutPauseFailingAtShutdownKeepsSandbox(t *testing.T) {
+	e := newLifecycleEnv(t, func(c *Config) { c.OnShutdown = ShutdownKeep })
+	started := make(chan struct{})
+	fail := make(chan struct{})
+	var once sync.Once
+	e.rt.setCheckpoint(func(ctx context.Context, id string) error {
+		once.Do(func() { close(started) })
+		<-fail
+		return runtime.ErrNoSpace
+	})
+	sb := e.create(t, wire.CreateSandboxRequest{TTLSeconds: 1, OnTimeout: wire.OnTimeoutPause})
+	<-started // the reaper is pausing it
+	closed := make(chan error, 1)
+	go func() { closed <- e.m.Close(context.Background()) }()
+	<-e.m.bgCtx.Done() // the shutdown has begun
+	close(fail)
+	if err := <-closed; err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	rec, err := e.st.GetSandbox(context.Background(), tenant, sb.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.State != wire.StateRunning {
+		t.Errorf("record after a shutdown with on-shutdown keep: got %s, want running (kept for the next start)", rec.State)
+	}
+	if e.rt.box(sb.ID) == nil {
+		t.Error("the sandbox was destroyed at shutdown")
+	}
+}
