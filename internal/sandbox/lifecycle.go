@@ -69,8 +69,9 @@ func (l opLock) unlock() { <-l }
 // ended.
 //
 // Concurrency: op serialises lifecycle operations; mu guards the fields
-// below it and is only ever held for short, non-blocking work (no runsc, no
-// agent calls), so that List, Get and the reaper never wait on a slow
+// below it and is only ever held for short work (no runsc, no agent calls;
+// at most a store write that must change with the fields, such as an
+// expiry), so that List, Get and the reaper never wait on a slow
 // operation. Lock order: op before mu; mu before Manager.mu.
 type instance struct {
 	id     string

@@ -97,13 +97,17 @@ func (m *Manager) pauseLocked(ctx context.Context, in *instance) error {
 		return err
 	}
 	size := dirSize(dir)
+	// The record and the state here change together, under in.mu, as in
+	// SetTimeout: a SetTimeout in between would otherwise write the
+	// running expiry over the paused one in the store.
+	in.mu.Lock()
 	exp := m.now().UTC().Add(m.cfg.PausedTTL)
 	if err := m.store.SetSandboxPaused(context.WithoutCancel(ctx), in.id, true, size, exp); err != nil {
+		in.mu.Unlock()
 		os.RemoveAll(dir)
 		backToRunning()
 		return err
 	}
-	in.mu.Lock()
 	client := in.client
 	in.client = nil
 	in.endReason = "the sandbox was paused (the command keeps its state and continues after a resume, but this stream ended)"
@@ -201,14 +205,18 @@ func (m *Manager) ensureRunningLocked(ctx context.Context, in *instance) error {
 		backToPaused()
 		return err
 	}
-	exp := m.now().UTC().Add(time.Duration(rec.TTLSeconds) * time.Second)
-	if err := m.store.SetSandboxPaused(opCtx, in.id, false, 0, exp); err != nil {
+	// As in pauseLocked, the record and the state here change together.
+	// The TTL is the one set last, also while this resume ran; the record
+	// outlives a Kill or StartTimeout that ends opCtx now.
+	in.mu.Lock()
+	exp := m.now().UTC().Add(time.Duration(in.rec.TTLSeconds) * time.Second)
+	if err := m.store.SetSandboxPaused(context.WithoutCancel(ctx), in.id, false, 0, exp); err != nil {
+		in.mu.Unlock()
 		client.Close()
-		_ = m.rt.Delete(opCtx, in.id)
+		_ = m.rt.Delete(context.WithoutCancel(ctx), in.id)
 		backToPaused()
 		return err
 	}
-	in.mu.Lock()
 	in.client = client
 	_ = in.setPhase(phaseRunning)
 	in.rec.State = wire.StateRunning

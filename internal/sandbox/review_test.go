@@ -150,3 +150,94 @@ func TestTimeoutPauseFailingAtShutdownKeepsSandbox(t *testing.T) {
 		t.Error("the sandbox was destroyed at shutdown")
 	}
 }
+
+// recordMatches fails the test when the store's expiry of the sandbox is
+// not the one the manager shows: a restart would go by the store's.
+func recordMatches(t *testing.T, e *lifecycleEnv, id string) wire.Sandbox {
+	t.Helper()
+	got, err := e.m.Get(context.Background(), tenant, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, err := e.st.GetSandbox(context.Background(), tenant, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.State != got.State || !rec.ExpiresAt.Equal(got.ExpiresAt) {
+		t.Errorf("store says %s until %v, the manager %s until %v", rec.State, rec.ExpiresAt, got.State, got.ExpiresAt)
+	}
+	return got
+}
+
+// A TTL set while a resume is in progress is the TTL the resume gives the
+// sandbox (the API shows it paused, and SetTimeout on a paused sandbox
+// sets the TTL of its next resume).
+func TestSetTimeoutDuringResume(t *testing.T) {
+	e := newLifecycleEnv(t, nil)
+	ctx := context.Background()
+	sb := e.create(t, wire.CreateSandboxRequest{TTLSeconds: 60})
+	if _, err := e.m.Pause(ctx, tenant, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan struct{})
+	release := make(chan struct{})
+	e.rt.setRestore(func(context.Context, string) error {
+		close(started)
+		<-release
+		return nil
+	})
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.m.Resume(ctx, tenant, sb.ID)
+		done <- err
+	}()
+	<-started
+	if _, err := e.m.SetTimeout(ctx, tenant, sb.ID, 3600); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	got := recordMatches(t, e, sb.ID)
+	if left := time.Until(got.ExpiresAt); left < 1800*time.Second {
+		t.Errorf("after SetTimeout(3600) during the resume: expires in %v, want about an hour", left)
+	}
+}
+
+// SetTimeout racing with the end of a pause or a resume never leaves the
+// store with an expiry other than the manager's: the paused sandbox would
+// be deleted at the running TTL after a restart, or a resumed one kept
+// for the paused TTL.
+func TestSetTimeoutRacingPauseAndResumeRecords(t *testing.T) {
+	e, hs := newHookedEnv(t, nil)
+	ctx := context.Background()
+	sb := e.create(t, wire.CreateSandboxRequest{TTLSeconds: 60})
+	var wg sync.WaitGroup
+	hs.mu.Lock()
+	hs.afterPaused = func(id string, paused bool) {
+		// Between the record and the manager's own state: a SetTimeout
+		// that lands here must not undo the record.
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, _ = e.m.SetTimeout(ctx, tenant, id, 120)
+		}()
+		time.Sleep(50 * time.Millisecond)
+	}
+	hs.mu.Unlock()
+	if _, err := e.m.Pause(ctx, tenant, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	if got := recordMatches(t, e, sb.ID); got.State != wire.StatePaused {
+		t.Fatalf("got %s, want paused", got.State)
+	}
+	if _, err := e.m.Resume(ctx, tenant, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	if got := recordMatches(t, e, sb.ID); got.State != wire.StateRunning {
+		t.Fatalf("got %s, want running", got.State)
+	}
+}
