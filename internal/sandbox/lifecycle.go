@@ -90,6 +90,10 @@ type instance struct {
 	// checkpoint); Kill uses it so that destroying never waits for a
 	// pause or snapshot of gigabytes.
 	cancelOp context.CancelFunc
+	// ending is set once an end was asked for (end): an operation that
+	// sets cancelOp afterwards is cut short at once, since the end could
+	// not cut it before it had begun.
+	ending bool
 	// endReason says why the last agent session ended, for the commands
 	// that were running in it.
 	endReason string
@@ -120,6 +124,18 @@ func (in *instance) setPhase(to phase) error {
 		}
 	}
 	return fmt.Errorf("sandbox %s: invalid lifecycle transition %s → %s", in.id, in.phase, to)
+}
+
+// setCancelOp records cancel as what cuts short the operation in progress
+// (nil when it is done); the caller holds in.op. When an end is already
+// waiting for the operation, cancel is called at once.
+func (in *instance) setCancelOp(cancel context.CancelFunc) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.cancelOp = cancel
+	if cancel != nil && in.ending {
+		cancel()
+	}
 }
 
 // visibleState is the state the API shows, or "" while the sandbox is not

@@ -358,6 +358,7 @@ func (m *Manager) end(ctx context.Context, in *instance, state, reason string) e
 		in.mu.Unlock()
 		return nil
 	}
+	in.ending = true
 	if in.cancelOp != nil {
 		in.cancelOp()
 	}

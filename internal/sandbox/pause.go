@@ -183,14 +183,8 @@ func (m *Manager) ensureRunningLocked(ctx context.Context, in *instance) error {
 	dir := m.pausedDir(in.id)
 	opCtx, cancel := withTimeout(ctx, m.cfg.StartTimeout)
 	defer cancel()
-	in.mu.Lock()
-	in.cancelOp = cancel
-	in.mu.Unlock()
-	defer func() {
-		in.mu.Lock()
-		in.cancelOp = nil
-		in.mu.Unlock()
-	}()
+	in.setCancelOp(cancel)
+	defer in.setCancelOp(nil)
 	client, err := m.boot(opCtx, spec, dir)
 	if errors.Is(err, errAgentUnresponsive) {
 		backToPaused()

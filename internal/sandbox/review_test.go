@@ -241,3 +241,51 @@ func TestSetTimeoutRacingPauseAndResumeRecords(t *testing.T) {
 		t.Fatalf("got %s, want running", got.State)
 	}
 }
+
+// A Kill that comes while a pause has begun but its checkpoint has not yet
+// (it checks the quota first) still cuts the checkpoint short: it does not
+// wait for a checkpoint of gigabytes, up to CheckpointTimeout.
+func TestKillBeforeCheckpointStartsCutsItShort(t *testing.T) {
+	e, hs := newHookedEnv(t, nil)
+	ctx := context.Background()
+	sb := e.create(t, wire.CreateSandboxRequest{})
+	checking := make(chan struct{})
+	goOn := make(chan struct{})
+	var once sync.Once
+	hs.mu.Lock()
+	hs.storedBytes = func() {
+		once.Do(func() {
+			close(checking)
+			<-goOn
+		})
+	}
+	hs.mu.Unlock()
+	started, release := e.holdCheckpoints()
+	defer release() // only the kill may end the checkpoint
+	paused := make(chan error, 1)
+	go func() {
+		_, err := e.m.Pause(ctx, tenant, sb.ID)
+		paused <- err
+	}()
+	<-checking
+	killed := make(chan error, 1)
+	go func() { killed <- e.m.Kill(ctx, tenant, sb.ID) }()
+	// Let the kill find the pause before its checkpoint can be cut.
+	time.Sleep(50 * time.Millisecond)
+	close(goOn)
+	<-started
+	select {
+	case err := <-killed:
+		if err != nil {
+			t.Fatalf("kill: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("kill waited for the whole checkpoint")
+	}
+	if err := <-paused; err == nil {
+		t.Error("pause cut short by a kill: got no error")
+	}
+	if e.rt.box(sb.ID) != nil {
+		t.Error("runtime sandbox left after kill")
+	}
+}

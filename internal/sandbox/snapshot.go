@@ -104,14 +104,8 @@ func (m *Manager) checkpointTo(ctx context.Context, id, dest string, leaveRunnin
 func (m *Manager) checkpointLocked(ctx context.Context, in *instance, dest, what string) error {
 	opCtx, cancel := withTimeout(ctx, m.cfg.CheckpointTimeout)
 	defer cancel()
-	in.mu.Lock()
-	in.cancelOp = cancel
-	in.mu.Unlock()
-	defer func() {
-		in.mu.Lock()
-		in.cancelOp = nil
-		in.mu.Unlock()
-	}()
+	in.setCancelOp(cancel)
+	defer in.setCancelOp(nil)
 	if err := m.checkpointTo(opCtx, in.id, dest, true); err != nil {
 		return checkpointError(err, what)
 	}
