@@ -186,7 +186,9 @@ func (m *Manager) ensureRunningLocked(ctx context.Context, in *instance) error {
 	in.setCancelOp(cancel)
 	defer in.setCancelOp(nil)
 	client, err := m.boot(opCtx, spec, dir)
-	if errors.Is(err, errAgentUnresponsive) {
+	// A Kill cancels opCtx: an agent cut off by it is no failed agent, and
+	// the kill ends the sandbox once this returns.
+	if errors.Is(err, errAgentUnresponsive) && !errors.Is(opCtx.Err(), context.Canceled) {
 		backToPaused()
 		reason := "its agent did not answer after the resume (it may have been stopped from inside the sandbox)"
 		m.log.Warn("resumed sandbox does not answer; ending it", "id", in.id, "err", err)

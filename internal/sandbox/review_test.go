@@ -289,3 +289,52 @@ func TestKillBeforeCheckpointStartsCutsItShort(t *testing.T) {
 		t.Error("runtime sandbox left after kill")
 	}
 }
+
+// A Kill during a resume ends the sandbox as stopped, as any kill: the
+// resume it cut short does not count as an agent that did not answer.
+func TestKillDuringResumeIsAKill(t *testing.T) {
+	e := newLifecycleEnv(t, nil)
+	ctx := context.Background()
+	sb := e.create(t, wire.CreateSandboxRequest{})
+	if _, err := e.m.Pause(ctx, tenant, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	in := e.instance(sb.ID)
+	started := make(chan struct{})
+	e.rt.setRestore(func(rctx context.Context, id string) error {
+		close(started)
+		// The restore itself completes (runsc is never cut off half-way);
+		// the kill is noticed afterwards.
+		<-rctx.Done()
+		return nil
+	})
+	resumed := make(chan error, 1)
+	go func() {
+		_, err := e.m.Resume(ctx, tenant, sb.ID)
+		resumed <- err
+	}()
+	<-started
+	if err := e.m.Kill(ctx, tenant, sb.ID); err != nil {
+		t.Fatalf("kill: %v", err)
+	}
+	if err := <-resumed; err == nil {
+		t.Error("resume cut short by a kill: got no error")
+	}
+	<-in.ended
+	rec, err := e.st.GetSandbox(ctx, tenant, sb.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.State != wire.StateStopped {
+		t.Errorf("record of a sandbox killed during its resume: got %s, want %s", rec.State, wire.StateStopped)
+	}
+	if e.rt.box(sb.ID) != nil {
+		t.Error("runtime sandbox left after kill")
+	}
+	e.m.mu.Lock()
+	slots := e.m.slots
+	e.m.mu.Unlock()
+	if slots != 0 {
+		t.Errorf("slots: got %d, want 0", slots)
+	}
+}
