@@ -58,8 +58,13 @@ func (m *Manager) makeTemplateImage(ctx context.Context, tpl template.Template, 
 	if _, err := m.checkpointer(); err != nil {
 		return err
 	}
+	// The image outlives the create that asked for it (others wait for
+	// it too), but not the manager: Close cuts it short rather than wait
+	// up to the five minutes.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Minute)
 	defer cancel()
+	stop := context.AfterFunc(m.bgCtx, cancel)
+	defer stop()
 	id := newID()
 	spec, err := m.spec(m.pooledRecord(id, tpl))
 	if err != nil {

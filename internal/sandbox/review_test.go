@@ -338,3 +338,31 @@ func TestKillDuringResumeIsAKill(t *testing.T) {
 		t.Errorf("slots: got %d, want 0", slots)
 	}
 }
+
+// Close does not wait for a template snapshot in progress to finish (up to
+// five minutes): the shutdown cuts it short.
+func TestCloseCutsTemplateSnapshotShort(t *testing.T) {
+	started := make(chan struct{})
+	var once sync.Once
+	e, _ := newHookedEnvWith(t, func(c *Config) {
+		c.TemplateSnapshots = true
+		c.PoolTemplates = []string{"base"}
+	}, func(rt *fakeRuntime) {
+		rt.checkpoint = func(ctx context.Context, id string) error {
+			once.Do(func() { close(started) })
+			<-ctx.Done()
+			return ctx.Err()
+		}
+	})
+	<-started
+	closed := make(chan error, 1)
+	go func() { closed <- e.m.Close(context.Background()) }()
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close waited for the template snapshot")
+	}
+	if ids, _ := e.rt.List(context.Background()); len(ids) != 0 {
+		t.Errorf("sandboxes left after Close: %v", ids)
+	}
+}
