@@ -224,19 +224,16 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 		discardWarm()
 		return wire.Sandbox{}, err
 	}
-	if err := m.reserveSlot(); err != nil {
-		discardWarm()
-		return wire.Sandbox{}, err
-	}
 	in := newInstance(id, tenant, rec, phaseCreating)
 	in.slot = true
 	// The operation lock is held until the sandbox runs, so a concurrent
 	// kill of the new id waits for the create to settle.
 	_ = in.op.lock(context.Background())
 	defer in.op.unlock()
-	m.mu.Lock()
-	m.live[id] = in
-	m.mu.Unlock()
+	if err := m.reserveSlot(in); err != nil {
+		discardWarm()
+		return wire.Sandbox{}, err
+	}
 	// Undo, newest first: runtime, record, registration and slot.
 	cu := cleanup.Make(func() {
 		in.mu.Lock()

@@ -328,8 +328,11 @@ func newID() string {
 }
 
 // reserveSlot takes one of MaxSandboxes for a sandbox about to start or
-// resume; the caller later gives it back with releaseSlot or keeps it.
-func (m *Manager) reserveSlot() error {
+// resume; the caller later gives it back with releaseSlot or keeps it. A
+// new sandbox (register, nil for a resume) joins the live set in the same
+// step: Close, which lists the live set once it refuses slots, then sees
+// every sandbox that got one.
+func (m *Manager) reserveSlot(register *instance) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -339,6 +342,9 @@ func (m *Manager) reserveSlot() error {
 		return errdefs.Quota("server is at its limit of %d running sandboxes", m.cfg.MaxSandboxes)
 	}
 	m.slots++
+	if register != nil {
+		m.live[register.id] = register
+	}
 	return nil
 }
 

@@ -152,7 +152,7 @@ func (m *Manager) ensureRunningLocked(ctx context.Context, in *instance) error {
 		return errdefs.Conflict("sandbox %q is %s", in.id, in.phase)
 	}
 	in.mu.Unlock()
-	if err := m.reserveSlot(); err != nil {
+	if err := m.reserveSlot(nil); err != nil {
 		if errors.Is(err, errdefs.ErrQuota) {
 			return errdefs.Quota("server is at its limit of %d running sandboxes; sandbox %q stays paused", m.cfg.MaxSandboxes, in.id)
 		}
