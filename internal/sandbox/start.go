@@ -213,12 +213,20 @@ func (m *Manager) removeStrayPauseImages() {
 	if err != nil {
 		return
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	for _, e := range ents {
+		m.mu.Lock()
 		in, ok := m.live[e.Name()]
-		if ok && in.phase == phasePaused {
-			continue
+		m.mu.Unlock()
+		// The phase under in.mu, never taken inside m.mu (the lock
+		// order): re-adopted sandboxes are watched already, and one that
+		// died is ending now.
+		if ok {
+			in.mu.Lock()
+			paused := in.phase == phasePaused
+			in.mu.Unlock()
+			if paused {
+				continue
+			}
 		}
 		m.log.Info("removing stray pause image", "name", e.Name())
 		_ = os.RemoveAll(filepath.Join(m.stateDir, "paused", e.Name()))
