@@ -48,6 +48,10 @@ func (m *Manager) Create(ctx context.Context, tenant string, req wire.CreateSand
 		return wire.Sandbox{}, errdefs.NotFound("snapshot %q not found", snap.ID)
 	}
 	defer m.unpin(snap.ID)
+	// A delete may have completed between the read above and the pin.
+	if _, err := m.store.GetSnapshot(ctx, tenant, snap.ID); err != nil {
+		return wire.Sandbox{}, err
+	}
 	return m.launch(ctx, tenant, p, m.snapshotDir(snap.ID))
 }
 

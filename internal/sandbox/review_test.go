@@ -2,12 +2,14 @@ package sandbox
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/pandastack/pandastack/internal/errdefs"
 	"github.com/pandastack/pandastack/internal/runtime"
 	"github.com/pandastack/pandastack/internal/store"
 	"github.com/pandastack/pandastack/internal/template"
@@ -364,5 +366,37 @@ func TestCloseCutsTemplateSnapshotShort(t *testing.T) {
 	}
 	if ids, _ := e.rt.List(context.Background()); len(ids) != 0 {
 		t.Errorf("sandboxes left after Close: %v", ids)
+	}
+}
+
+// A create from a snapshot that is deleted between the create's read of it
+// and its pin answers NotFound, as a create after the delete would, not a
+// failed restore of a missing image.
+func TestCreateFromSnapshotDeletedMeanwhile(t *testing.T) {
+	e, hs := newHookedEnv(t, nil)
+	ctx := context.Background()
+	src := e.create(t, wire.CreateSandboxRequest{})
+	sn, err := e.m.Snapshot(ctx, tenant, src.ID, wire.SnapshotRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs.mu.Lock()
+	hs.gotSnapshot = func(id string) {
+		hs.mu.Lock()
+		hs.gotSnapshot = nil // the delete reads it too
+		hs.mu.Unlock()
+		if err := e.m.DeleteSnapshot(ctx, tenant, id); err != nil {
+			t.Errorf("delete: %v", err)
+		}
+	}
+	hs.mu.Unlock()
+	if _, err := e.m.Create(ctx, tenant, wire.CreateSandboxRequest{SnapshotID: sn.ID}); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("create from a snapshot deleted meanwhile: got %v, want ErrNotFound", err)
+	}
+	e.m.mu.Lock()
+	slots, pins := e.m.slots, len(e.m.pins)
+	e.m.mu.Unlock()
+	if slots != 1 || pins != 0 {
+		t.Errorf("slots, pins: got %d, %d, want 1, 0", slots, pins)
 	}
 }

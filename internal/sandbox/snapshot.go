@@ -200,6 +200,12 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, tenant, id string) error {
 		m.mu.Unlock()
 		return errdefs.Conflict("snapshot %q is being restored; try again when the create finishes", id)
 	}
+	if m.pins[id] < 0 {
+		// Another delete (the reaper's expiry, say) is under way; its
+		// mark must stay until it is done.
+		m.mu.Unlock()
+		return errdefs.NotFound("snapshot %q not found", id)
+	}
 	m.pins[id] = -1 // no new pins while deleting
 	m.mu.Unlock()
 	defer func() {
