@@ -53,6 +53,11 @@ type Definition struct {
 	// libraries, Python modules) is then already in the sandbox's page
 	// cache in every sandbox restored from the snapshot. Not part of Hash.
 	Warm string `json:"warm,omitempty"`
+	// WarmCode is Python run silently in the default code context of a
+	// sandbox being readied (a template snapshot, a warm pool member):
+	// the context's kernel is then running with what it imports loaded,
+	// and a new sandbox's first cell starts at once. Not part of Hash.
+	WarmCode string `json:"warm_code,omitempty"`
 }
 
 // Builtin returns the templates every server offers.
@@ -67,9 +72,13 @@ func Builtin() []Definition {
 		},
 		{
 			Name:        "code-interpreter",
-			Description: "Debian 12 with python3, numpy, pandas and matplotlib",
-			Packages:    append(append([]string{}, base...), "python3", "python3-numpy", "python3-pandas", "python3-matplotlib"),
-			Warm:        "python3 -c 'import numpy, pandas, matplotlib.pyplot' && python3 -c 'print(sum(range(100)))'",
+			Description: "Debian 12 with python3, numpy, pandas, matplotlib and a Jupyter kernel (ipykernel)",
+			Packages: append(append([]string{}, base...), "python3", "python3-numpy", "python3-pandas", "python3-matplotlib",
+				"python3-ipykernel", "python3-jupyter-client"),
+			Warm: "python3 -c 'import numpy, pandas, matplotlib.pyplot' && python3 -c 'print(sum(range(100)))'",
+			// The default Python context starts with these imported, so
+			// that its first cell does not pay for them.
+			WarmCode: "import numpy, pandas, matplotlib, matplotlib.pyplot",
 		},
 	}
 }
