@@ -30,6 +30,19 @@ type hookStore struct {
 	storedBytes func()
 	// gotSnapshot runs after GetSnapshot has read.
 	gotSnapshot func(id string)
+	// listed runs after ListSandboxes has read.
+	listed func()
+}
+
+func (s *hookStore) ListSandboxes(ctx context.Context, tenant string, states ...string) ([]store.Sandbox, error) {
+	l, err := s.Store.ListSandboxes(ctx, tenant, states...)
+	s.mu.Lock()
+	hook := s.listed
+	s.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
+	return l, err
 }
 
 func (s *hookStore) GetSnapshot(ctx context.Context, tenant, id string) (store.Snapshot, error) {
@@ -398,5 +411,39 @@ func TestCreateFromSnapshotDeletedMeanwhile(t *testing.T) {
 	e.m.mu.Unlock()
 	if slots != 1 || pins != 0 {
 		t.Errorf("slots, pins: got %d, %d, want 1, 0", slots, pins)
+	}
+}
+
+// A start cut short by the daemon's own stop (SIGTERM while it re-adopts)
+// loses no sandbox: one it did not get to settle is left for the next
+// start, which re-adopts it.
+func TestStartCutShortLosesNothing(t *testing.T) {
+	e := newLifecycleEnv(t, nil)
+	ctx := context.Background()
+	sb := e.create(t, wire.CreateSandboxRequest{})
+	e.crash()
+
+	sctx, stop := context.WithCancel(ctx)
+	hs := &hookStore{Store: e.st}
+	hs.listed = stop // the stop comes once the records are read
+	m2 := NewManager(Options{Config: e.m.cfg, Runtime: e.rt, Store: hs, StateDir: e.dir,
+		Templates: e.m.templates, AgentBinary: e.m.agentBin})
+	if err := m2.Start(sctx); err == nil {
+		(&lifecycleEnv{m: m2}).crash()
+	} else {
+		// Stopped before its reaper started: only its sessions to drop.
+		for _, in := range m2.live {
+			m2.detach(in)
+		}
+	}
+
+	m3 := NewManager(Options{Config: e.m.cfg, Runtime: e.rt, Store: e.st, StateDir: e.dir,
+		Templates: e.m.templates, AgentBinary: e.m.agentBin})
+	if err := m3.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer m3.Close(ctx)
+	if got, err := m3.Get(ctx, tenant, sb.ID); err != nil || got.State != wire.StateRunning {
+		t.Errorf("sandbox after a start cut short: got %+v, %v, want running", got, err)
 	}
 }

@@ -87,6 +87,11 @@ func (m *Manager) Start(ctx context.Context) error {
 		}
 	}
 	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		// Stopped half-way: what is left over may belong to a sandbox
+		// that was not settled, and is the next start's to judge.
+		return fmt.Errorf("reconciling sandboxes: %w", err)
+	}
 
 	known := make(map[string]bool, len(recs))
 	for _, r := range recs {
@@ -180,6 +185,12 @@ func (m *Manager) settleRunning(ctx context.Context, r store.Sandbox, hasImage b
 			_ = os.RemoveAll(m.pausedDir(r.ID))
 		}
 		m.log.Info("re-adopted sandbox", "id", r.ID, "tenant", r.Tenant, "expires", r.ExpiresAt)
+		return
+	}
+	if ctx.Err() != nil {
+		// The start was stopped (the daemon's own SIGTERM), not the
+		// agent: the sandbox is left as it is for the next start.
+		m.log.Warn("start stopped before the sandbox was re-adopted; leaving it for the next start", "id", r.ID)
 		return
 	}
 	m.log.Warn("cannot re-adopt sandbox", "id", r.ID, "err", err)
