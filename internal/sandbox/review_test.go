@@ -447,3 +447,24 @@ func TestStartCutShortLosesNothing(t *testing.T) {
 		t.Errorf("sandbox after a start cut short: got %+v, %v, want running", got, err)
 	}
 }
+
+// Close keeps to its context: a pause at the TTL that the reaper has under
+// way (a checkpoint of up to CheckpointTimeout) does not hold it past it.
+func TestCloseKeepsToItsContext(t *testing.T) {
+	e := newLifecycleEnv(t, func(c *Config) { c.OnShutdown = ShutdownKeep })
+	started, release := e.holdCheckpoints()
+	defer release()
+	e.create(t, wire.CreateSandboxRequest{TTLSeconds: 1, OnTimeout: wire.OnTimeoutPause})
+	<-started // the reaper is pausing it
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	closed := make(chan error, 1)
+	go func() { closed <- e.m.Close(ctx) }()
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close waited past its context for the reaper's pause")
+	}
+	release()
+	e.m.opsWG.Wait()
+}

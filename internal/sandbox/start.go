@@ -375,6 +375,9 @@ func (m *Manager) Close(ctx context.Context) error {
 	if m.stop != nil {
 		m.stop()
 	}
+	// The reaper and pool refills end soon after the stop (a refill's
+	// boot is bounded by runsc's minute); the reaper adds to opsWG, which
+	// must not happen once it is waited for below.
 	m.reaperWG.Wait()
 
 	var (
@@ -397,8 +400,28 @@ func (m *Manager) Close(ctx context.Context) error {
 		}(in)
 	}
 	wg.Wait()
-	m.opsWG.Wait()
+	if !waitWithin(ctx, &m.opsWG) {
+		m.log.Warn("reaper actions still in progress at shutdown; leaving them for the next start")
+	}
 	return errors.Join(errs...)
+}
+
+// waitWithin waits for wg as long as ctx allows and reports whether it was
+// done. What Close stops waiting for (the reaper's pause of a sandbox: a
+// checkpoint of up to CheckpointTimeout) is cut off by the exit and settled
+// by the next start, as after a crash.
+func waitWithin(ctx context.Context, wg *sync.WaitGroup) bool {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 func (m *Manager) shutdownOne(ctx context.Context, in *instance) error {
