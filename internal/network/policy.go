@@ -1,0 +1,407 @@
+package network
+
+import (
+	"fmt"
+	"net/netip"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Policy is what a sandbox may reach.
+type Policy struct {
+	// Internet allows every public address (the deny rules still apply).
+	Internet bool
+	// Allow and Deny are the sandbox's rules; Deny wins.
+	Allow, Deny []Rule
+}
+
+// Empty reports whether the policy allows nothing (egress "none").
+func (p Policy) Empty() bool { return !p.Internet && len(p.Allow) == 0 }
+
+// Rule is one allow or deny entry: an address prefix or a host name (with
+// "*." for any subdomain), optionally limited to ports and a protocol.
+type Rule struct {
+	Prefix netip.Prefix
+	Name   string
+	Ports  []PortRange
+	// Proto is "tcp", "udp" or "" for both (and, for prefixes without
+	// ports, every protocol).
+	Proto string
+}
+
+// PortRange is an inclusive range of ports.
+type PortRange struct{ From, To uint16 }
+
+// String is the rule's text, as ParseRule reads it.
+func (r Rule) String() string {
+	var b strings.Builder
+	host := r.Name
+	if r.Prefix.IsValid() {
+		host = r.Prefix.String()
+		if r.Prefix.IsSingleIP() {
+			host = r.Prefix.Addr().String()
+		}
+	}
+	if len(r.Ports) > 0 && strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	b.WriteString(host)
+	for i, p := range r.Ports {
+		if i == 0 {
+			b.WriteByte(':')
+		} else {
+			b.WriteByte(',')
+		}
+		b.WriteString(strconv.Itoa(int(p.From)))
+		if p.To != p.From {
+			b.WriteString("-" + strconv.Itoa(int(p.To)))
+		}
+	}
+	if r.Proto != "" {
+		b.WriteString("/" + r.Proto)
+	}
+	return b.String()
+}
+
+// ParseRule reads HOST[:PORTS][/PROTO]: HOST is an IP address, a CIDR
+// prefix, a host name or "*." and a domain (IPv6 addresses and prefixes
+// in brackets when ports follow); PORTS is a comma-separated list of
+// ports and ranges (8000-8999); PROTO is tcp or udp.
+func ParseRule(s string) (Rule, error) {
+	orig := s
+	var r Rule
+	if i := strings.LastIndexByte(s, '/'); i >= 0 {
+		if p := s[i+1:]; p == "tcp" || p == "udp" {
+			r.Proto, s = p, s[:i]
+		}
+	}
+	host, ports := s, ""
+	switch {
+	case strings.HasPrefix(s, "["):
+		end := strings.IndexByte(s, ']')
+		if end < 0 {
+			return Rule{}, fmt.Errorf("rule %q: unclosed [", orig)
+		}
+		host = s[1:end]
+		rest := s[end+1:]
+		if rest != "" {
+			if !strings.HasPrefix(rest, ":") {
+				return Rule{}, fmt.Errorf("rule %q: want :PORTS after ]", orig)
+			}
+			ports = rest[1:]
+		}
+	case strings.Count(s, ":") == 1:
+		host, ports, _ = strings.Cut(s, ":")
+	}
+	if p, err := netip.ParsePrefix(host); err == nil {
+		r.Prefix = p.Masked()
+	} else if a, err := netip.ParseAddr(host); err == nil {
+		r.Prefix = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
+	} else {
+		name, err := checkName(host)
+		if err != nil {
+			return Rule{}, fmt.Errorf("rule %q: %w", orig, err)
+		}
+		r.Name = name
+	}
+	if r.Prefix.IsValid() && r.Prefix.Addr().Zone() != "" {
+		return Rule{}, fmt.Errorf("rule %q: zoned addresses are not allowed", orig)
+	}
+	if ports != "" {
+		for _, part := range strings.Split(ports, ",") {
+			lo, hi, isRange := strings.Cut(part, "-")
+			from, err1 := strconv.ParseUint(lo, 10, 16)
+			to := from
+			var err2 error
+			if isRange {
+				to, err2 = strconv.ParseUint(hi, 10, 16)
+			}
+			if err1 != nil || err2 != nil || from == 0 || to < from {
+				return Rule{}, fmt.Errorf("rule %q: bad port %q", orig, part)
+			}
+			r.Ports = append(r.Ports, PortRange{uint16(from), uint16(to)})
+		}
+	}
+	if r.Proto != "" && len(r.Ports) == 0 {
+		return Rule{}, fmt.Errorf("rule %q: a protocol needs ports", orig)
+	}
+	return r, nil
+}
+
+// checkName validates and lowercases a host name rule.
+func checkName(s string) (string, error) {
+	s = strings.ToLower(strings.TrimSuffix(s, "."))
+	rest := strings.TrimPrefix(s, "*.")
+	if rest == "" || len(s) > 253 {
+		return "", fmt.Errorf("empty or too long host name")
+	}
+	for _, label := range strings.Split(rest, ".") {
+		if label == "" || len(label) > 63 {
+			return "", fmt.Errorf("bad host name %q", s)
+		}
+		for _, c := range label {
+			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+				return "", fmt.Errorf("bad host name %q", s)
+			}
+		}
+	}
+	return s, nil
+}
+
+// MatchName reports whether a rule's name covers host (lowercase, without
+// a trailing dot).
+func (r Rule) MatchName(host string) bool {
+	if r.Name == "" {
+		return false
+	}
+	if d, ok := strings.CutPrefix(r.Name, "*."); ok {
+		return strings.HasSuffix(host, "."+d)
+	}
+	return host == r.Name
+}
+
+// alwaysDenied are the destinations no policy opens: loopback, private
+// (RFC 1918), link-local (cloud metadata 169.254.169.254, fd00:ec2::254 in
+// unique-local), CGNAT, unique-local, multicast, reserved and special
+// ranges, IPv4-mapped and IPv4-embedding IPv6 forms (NAT64, 6to4), and the
+// slots' own ranges (other sandboxes). 198.51.100.0/24, 203.0.113.0/24 and
+// 2001:db8::/32 (documentation ranges) are left alone: test stand-ins and
+// this machine's package registries live there.
+var alwaysDenied = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("169.254.0.0/16"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.0.0.0/24"),
+	netip.MustParsePrefix("192.0.2.0/24"),
+	netip.MustParsePrefix("192.88.99.0/24"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("198.18.0.0/15"),
+	netip.MustParsePrefix("224.0.0.0/4"),
+	netip.MustParsePrefix("240.0.0.0/4"),
+	netip.MustParsePrefix("::/127"),
+	netip.MustParsePrefix("::ffff:0:0/96"),
+	netip.MustParsePrefix("64:ff9b::/96"),
+	netip.MustParsePrefix("64:ff9b:1::/48"),
+	netip.MustParsePrefix("100::/64"),
+	netip.MustParsePrefix("2001::/32"),
+	netip.MustParsePrefix("2002::/16"),
+	netip.MustParsePrefix("fc00::/7"),
+	netip.MustParsePrefix("fe80::/10"),
+	netip.MustParsePrefix("ff00::/8"),
+}
+
+// Denied reports whether a is a destination no policy opens, given the
+// host's own addresses.
+func Denied(a netip.Addr, host []netip.Addr) bool {
+	a = a.Unmap()
+	for _, p := range alwaysDenied {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	for _, h := range host {
+		if h == a {
+			return true
+		}
+	}
+	return false
+}
+
+// mergeRanges turns prefixes (and single addresses) of one family into
+// sorted, non-overlapping [start, end] ranges: interval sets refuse
+// overlapping elements.
+func mergeRanges(ps []netip.Prefix) [][2]netip.Addr {
+	var rs [][2]netip.Addr
+	for _, p := range ps {
+		p = p.Masked()
+		rs = append(rs, [2]netip.Addr{p.Addr(), lastAddr(p)})
+	}
+	sort.Slice(rs, func(i, j int) bool { return rs[i][0].Less(rs[j][0]) })
+	var out [][2]netip.Addr
+	for _, r := range rs {
+		if n := len(out); n > 0 {
+			last := &out[n-1]
+			if next := last[1].Next(); !next.IsValid() || !next.Less(r[0]) {
+				if last[1].Less(r[1]) {
+					last[1] = r[1]
+				}
+				continue
+			}
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+func rangeElements(rs [][2]netip.Addr) []nftables.SetElement {
+	var els []nftables.SetElement
+	for _, r := range rs {
+		els = append(els, nftables.SetElement{Key: r[0].AsSlice()})
+		if end := r[1].Next(); end.IsValid() {
+			els = append(els, nftables.SetElement{Key: end.AsSlice(), IntervalEnd: true})
+		}
+	}
+	return els
+}
+
+// splitFamilies splits prefixes by IP version.
+func splitFamilies(ps []netip.Prefix) (v4, v6 []netip.Prefix) {
+	for _, p := range ps {
+		if p.Addr().Is4() {
+			v4 = append(v4, p)
+		} else {
+			v6 = append(v6, p)
+		}
+	}
+	return
+}
+
+// routerTable is the name of the table in each router namespace.
+const routerTable = "pandastack"
+
+// writeRouterTable (re)writes the slot's router table for policy, in one
+// transaction: the sandbox's traffic is never without rules.
+func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
+	c, err := nftables.New(nftables.WithNetNSFd(int(ns)))
+	if err != nil {
+		return fmt.Errorf("nftables in router namespace: %w", err)
+	}
+	t := &nftables.Table{Name: routerTable, Family: nftables.TableFamilyINet}
+	// Deleting and re-adding in the same transaction replaces the table
+	// atomically. (Deleting a table that does not exist fails the whole
+	// transaction, so add it first: adding an existing table is a no-op.)
+	c.AddTable(t)
+	c.DelTable(t)
+	c.AddTable(t)
+
+	deny4, deny6 := splitFamilies(append(append([]netip.Prefix{}, alwaysDenied...), n.hostPrefixes()...))
+	sets := map[string]*nftables.Set{}
+	for _, sd := range []struct {
+		name string
+		v6   bool
+		ps   []netip.Prefix
+	}{
+		{"deny4", false, deny4}, {"deny6", true, deny6},
+	} {
+		kt := nftables.TypeIPAddr
+		if sd.v6 {
+			kt = nftables.TypeIP6Addr
+		}
+		set := &nftables.Set{Table: t, Name: sd.name, KeyType: kt, Interval: true}
+		if err := c.AddSet(set, rangeElements(mergeRanges(sd.ps))); err != nil {
+			return fmt.Errorf("adding set %s: %w", sd.name, err)
+		}
+		sets[sd.name] = set
+	}
+
+	pre := c.AddChain(&nftables.Chain{Name: "pre", Table: t, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest})
+	post := c.AddChain(&nftables.Chain{Name: "post", Table: t, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
+	dropPolicy := nftables.ChainPolicyDrop
+	fwd := c.AddChain(&nftables.Chain{Name: "fwd", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &dropPolicy})
+	add := func(ch *nftables.Chain, e []expr.Any) { c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: e}) }
+
+	svc4, svc6 := n.serviceAddrs()
+	for _, fam := range []struct {
+		router, sandbox, uplink, svc netip.Addr
+	}{
+		{RouterIP4, SandboxIP4, s.Uplink4, svc4},
+		{RouterIP6, SandboxIP6, s.Uplink6, svc6},
+	} {
+		// DNS to the gateway goes to the daemon's resolver.
+		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
+			add(pre, rule(iif("in0"), addrIs(fam.router, true, expr.CmpOpEq), l4proto(proto), dport(53),
+				natTo(expr.NATTypeDestNAT, fam.svc, n.dnsPort())))
+		}
+		// The daemon reaches the sandbox's ports at its uplink address.
+		add(pre, rule(iif("up0"), addrIs(fam.uplink, true, expr.CmpOpEq), natTo(expr.NATTypeDestNAT, fam.sandbox, 0)))
+		// The sandbox's traffic leaves as the slot's uplink address.
+		add(post, rule(oif("up0"), addrIs(fam.sandbox, false, expr.CmpOpEq), natTo(expr.NATTypeSourceNAT, fam.uplink, 0)))
+	}
+
+	add(fwd, rule(ctEstablished(), accept()))
+	// What the rules above translated on purpose (DNS, ports).
+	add(fwd, rule(ctDNAT(), accept()))
+	// Nothing else comes in; nothing leaves from another address.
+	add(fwd, rule(iif("up0"), drop()))
+	add(fwd, rule(iif("in0"), nfproto(false), addrIs(SandboxIP4, false, expr.CmpOpNeq), drop()))
+	add(fwd, rule(iif("in0"), nfproto(true), addrIs(SandboxIP6, false, expr.CmpOpNeq), drop()))
+	refuse := func(match exprs) {
+		add(fwd, rule(match, l4proto(unix.IPPROTO_TCP), rejectTCP()))
+		add(fwd, rule(match, rejectAny()))
+	}
+	refuse(rule(iif("in0"), addrIn(sets["deny4"], false, true)))
+	refuse(rule(iif("in0"), addrIn(sets["deny6"], true, true)))
+	for _, r := range p.Deny {
+		for _, m := range ruleMatches(r) {
+			refuse(rule(iif("in0"), m))
+		}
+	}
+	if p.Internet {
+		add(fwd, rule(iif("in0"), accept()))
+	}
+	for _, r := range p.Allow {
+		for _, m := range ruleMatches(r) {
+			add(fwd, rule(iif("in0"), m, accept()))
+		}
+	}
+	refuse(iif("in0"))
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("writing router rules of slot %d: %w", s.Index, err)
+	}
+	return nil
+}
+
+// ruleMatches are the matches of an address rule, one per protocol and
+// port range; name rules have none here (their addresses come from the
+// resolver).
+func ruleMatches(r Rule) []exprs {
+	if !r.Prefix.IsValid() {
+		return nil
+	}
+	base := inPrefix(r.Prefix, true)
+	if len(r.Ports) == 0 {
+		return []exprs{base}
+	}
+	protos := []byte{unix.IPPROTO_TCP, unix.IPPROTO_UDP}
+	switch r.Proto {
+	case "tcp":
+		protos = protos[:1]
+	case "udp":
+		protos = protos[1:]
+	}
+	var out []exprs
+	for _, proto := range protos {
+		for _, pr := range r.Ports {
+			m := rule(base, l4proto(proto))
+			if pr.From == pr.To {
+				m = rule(m, dport(pr.From))
+			} else {
+				m = rule(m, dportRange(pr.From, pr.To))
+			}
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// lastAddr is the last address of a prefix.
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}
