@@ -51,6 +51,9 @@ type Server struct {
 
 	// procs holds the background processes (process.go).
 	procs processTable
+
+	// code holds the code contexts, live interpreters (code.go).
+	code codeTable
 }
 
 // NewServer returns a Server and starts its reaper, which runs until ctx ends.
