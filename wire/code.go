@@ -1,6 +1,9 @@
 package wire
 
-import "encoding/json"
+import (
+	"encoding/json"
+	"sort"
+)
 
 // Code execution: cells run in live interpreters (Jupyter kernels), one per
 // code context, so that variables persist between calls and results come
@@ -141,4 +144,39 @@ const (
 // CodeContextList is the body of GET /v1/sandboxes/{id}/code/contexts.
 type CodeContextList struct {
 	Contexts []CodeContext `json:"contexts"`
+}
+
+// Text returns the text of the cell's main result (its value), or "" when
+// it had none.
+func (e *Execution) Text() string {
+	for _, r := range e.Results {
+		if r.IsMainResult {
+			return r.Text
+		}
+	}
+	return ""
+}
+
+// Formats lists the keys the result has a value for (as "png", "html",
+// …; Extra's MIME types as they are), in the order of CodeResult's fields.
+func (r CodeResult) Formats() []string {
+	var out []string
+	for _, f := range []struct {
+		key string
+		ok  bool
+	}{
+		{"text", r.Text != ""}, {"html", r.HTML != ""}, {"markdown", r.Markdown != ""}, {"svg", r.SVG != ""},
+		{"png", r.PNG != ""}, {"jpeg", r.JPEG != ""}, {"pdf", r.PDF != ""}, {"latex", r.LaTeX != ""},
+		{"javascript", r.JavaScript != ""}, {"json", len(r.JSON) > 0},
+	} {
+		if f.ok {
+			out = append(out, f.key)
+		}
+	}
+	extra := make([]string, 0, len(r.Extra))
+	for k := range r.Extra {
+		extra = append(extra, k)
+	}
+	sort.Strings(extra)
+	return append(out, extra...)
 }

@@ -90,6 +90,9 @@ func (m *Manager) makeTemplateImage(ctx context.Context, tpl template.Template, 
 			return fmt.Errorf("warming template %q: exit %d, %v: %s", tpl.Name, ex.ExitCode, err, out.String())
 		}
 	}
+	if err := m.warmCode(ctx, client, tpl); err != nil {
+		return fmt.Errorf("warming template %q: %w", tpl.Name, err)
+	}
 	if err := m.checkpointTo(ctx, id, dir, false); err != nil {
 		return fmt.Errorf("checkpointing template %q: %w", tpl.Name, err)
 	}
@@ -224,7 +227,8 @@ const poolRefillDelay = 500 * time.Millisecond
 
 // newPooled starts one warm sandbox: created like any other, then given
 // one throwaway exec of the shell (what most commands start with) so the
-// first real exec does not pay for loading it.
+// first real exec does not pay for loading it, and its template's code
+// warm-up (warmCode).
 func (m *Manager) newPooled(ctx context.Context, name string) (*pooled, error) {
 	tpl, err := m.templates.Get(name)
 	if err != nil {
@@ -247,6 +251,20 @@ func (m *Manager) newPooled(ctx context.Context, name string) (*pooled, error) {
 		client.Close()
 		_ = m.rt.Delete(context.WithoutCancel(ctx), id)
 		return nil, err
+	}
+	// Its default code context too (one restored from a template
+	// snapshot has it, and the warm-up code finds its imports done). A
+	// member whose warm-up failed is kept without one: its first cell
+	// starts the context.
+	if err := m.warmCode(ctx, client, tpl); err != nil {
+		if ctx.Err() != nil {
+			client.Close()
+			_ = m.rt.Delete(context.WithoutCancel(ctx), id)
+			return nil, ctx.Err()
+		}
+		m.log.Warn("warming the code context of a pool member", "template", name, "err", err)
+		var reply struct{}
+		_ = client.CodeCall(ctx, agent.OpCodeDelete, agent.CodeContextRef{ID: wire.LanguagePython}, &reply)
 	}
 	return &pooled{id: id, client: client}, nil
 }
