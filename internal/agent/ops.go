@@ -59,6 +59,10 @@ func decodeArgs(st *yamux.Stream, req Request, v any) bool {
 // an operation it does not know.
 func (s *Server) handleOp(ctx context.Context, st *yamux.Stream, req Request) bool {
 	switch req.Op {
+	case OpFileRead, OpFileWrite, OpFileStat, OpFileList, OpFileMkdir, OpFileRemove, OpFileRename,
+		OpTarGet, OpTarPut, OpFileWatch:
+		s.fileOp(ctx, st, req)
+		return true
 	case OpProcessStart, OpProcessList, OpProcessGet, OpProcessStdin, OpProcessSignal,
 		OpProcessResize, OpProcessWait, OpProcessAttach:
 		return s.handleProcessOp(ctx, st, req)

@@ -40,6 +40,8 @@ type Sandboxes interface {
 	Fork(ctx context.Context, tenant, id string, req wire.ForkRequest) ([]wire.Sandbox, error)
 	Pause(ctx context.Context, tenant, id string) (wire.Sandbox, error)
 	Resume(ctx context.Context, tenant, id string) (wire.Sandbox, error)
+	// Files serves the Files API (files.go).
+	Files
 }
 
 // Templates lists the server's templates.
@@ -134,6 +136,7 @@ func New(cfg Config) *Server {
 	s.route("GET /v1/snapshots", true, s.listSnapshots)
 	s.route("GET /v1/snapshots/{id}", true, s.getSnapshot)
 	s.route("DELETE /v1/snapshots/{id}", true, s.deleteSnapshot)
+	s.fileRoutes()
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, "", errdefs.NotFound("no route for %s %s", r.Method, r.URL.Path))
 	})

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -313,6 +314,8 @@ func TestTenantsAreIsolated(t *testing.T) {
 		"GET /v1/snapshots/{id}":           nil,
 		"DELETE /v1/snapshots/{id}":        nil,
 	}
+	fileBodies, fileQueries := fileIsolationRequests(t)
+	maps.Copy(bodies, fileBodies)
 	other := s.WithTenant(t, "tenant-b")
 	attempt := func(method, path string, body any, hdr ...string) {
 		t.Helper()
@@ -344,7 +347,7 @@ func TestTenantsAreIsolated(t *testing.T) {
 			ids = []string{snap.ID}
 		}
 		for _, id := range ids {
-			path := strings.Replace(pattern, "{id}", id, 1)
+			path := strings.Replace(pattern, "{id}", id, 1) + fileQueries[route]
 			attempt(method, path, body)
 			if route == "POST /v1/sandboxes/{id}/exec" {
 				for _, accept := range []string{"application/x-ndjson", "text/event-stream"} {

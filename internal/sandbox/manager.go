@@ -53,6 +53,9 @@ type Config struct {
 	ExecGrace time.Duration
 	// MaxExecsPerSandbox caps the commands running at once in one sandbox.
 	MaxExecsPerSandbox int
+	// MaxArchiveEntries caps the entries of one archive uploaded into a
+	// sandbox; 0: the agent's default (100,000).
+	MaxArchiveEntries int
 	// ReapInterval is how often expired sandboxes are looked for.
 	ReapInterval time.Duration
 	// StartTimeout bounds a create or resume, from runtime start to agent
