@@ -149,6 +149,11 @@ func (m *Manager) execError(ctx, ectx context.Context, in *instance, client *age
 	if errors.Is(ectx.Err(), context.DeadlineExceeded) && !client.IsClosed() {
 		// The agent let the command's timeout pass without a word.
 		if perr := m.pingWithin(client, m.cfg.AgentTimeout); perr != nil {
+			if in.isSaving() {
+				// A checkpoint stops the whole sandbox while it saves
+				// it, a large one for longer than the ping waits.
+				return errdefs.Wrap(errdefs.ErrTimeout, perr, "the command did not finish within its timeout of %s (the sandbox was being saved meanwhile)", timeout)
+			}
 			reason := "its agent stopped answering (it may have been stopped from inside the sandbox)"
 			m.fail(in, reason)
 			return errdefs.Wrap(errdefs.ErrUnavailable, perr, "sandbox %q was ended: %s", in.id, reason)

@@ -90,6 +90,10 @@ type instance struct {
 	// checkpoint); Kill uses it so that destroying never waits for a
 	// pause or snapshot of gigabytes.
 	cancelOp context.CancelFunc
+	// saving is set while a checkpoint saves the sandbox: it stops every
+	// process inside, the agent too, so an agent that does not answer
+	// meanwhile is frozen, not dead.
+	saving bool
 	// ending is set once an end was asked for (end): an operation that
 	// sets cancelOp afterwards is cut short at once, since the end could
 	// not cut it before it had begun.
@@ -136,6 +140,13 @@ func (in *instance) setCancelOp(cancel context.CancelFunc) {
 	if cancel != nil && in.ending {
 		cancel()
 	}
+}
+
+// isSaving reports whether a checkpoint is saving the sandbox now.
+func (in *instance) isSaving() bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.saving
 }
 
 // visibleState is the state the API shows, or "" while the sandbox is not

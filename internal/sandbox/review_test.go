@@ -468,3 +468,49 @@ func TestCloseKeepsToItsContext(t *testing.T) {
 	release()
 	e.m.opsWG.Wait()
 }
+
+// A checkpoint stops the whole sandbox while it saves it: a command whose
+// timeout passes meanwhile finds its agent frozen, not dead, and the
+// sandbox (and the snapshot) live on.
+func TestCommandTimingOutDuringCheckpoint(t *testing.T) {
+	e := newLifecycleEnv(t, func(c *Config) {
+		c.ExecGrace = 100 * time.Millisecond
+		c.AgentTimeout = 300 * time.Millisecond
+	})
+	ctx := context.Background()
+	sb := e.create(t, wire.CreateSandboxRequest{})
+	running := make(chan struct{})
+	execDone := make(chan error, 1)
+	go func() {
+		var once sync.Once
+		_, err := e.m.Exec(ctx, tenant, sb.ID, wire.ExecRequest{User: wire.UserRoot, Cmd: "echo go; sleep 30", TimeoutSeconds: 0.5}, func(string, []byte) error {
+			once.Do(func() { close(running) })
+			return nil
+		})
+		execDone <- err
+	}()
+	<-running
+	e.rt.setCheckpoint(func(ctx context.Context, id string) error {
+		// Saving: the sandbox, its agent with it, is stopped until the
+		// exec's timeout, grace and ping have all passed.
+		b := e.rt.box(id)
+		b.gate.set(true)
+		defer b.gate.set(false)
+		select {
+		case err := <-execDone:
+			execDone <- err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		return nil
+	})
+	if _, err := e.m.Snapshot(ctx, tenant, sb.ID, wire.SnapshotRequest{}); err != nil {
+		t.Errorf("snapshot: %v", err)
+	}
+	if err := <-execDone; !errors.Is(err, errdefs.ErrTimeout) {
+		t.Errorf("command timing out during the checkpoint: got %v, want ErrTimeout", err)
+	}
+	if got, err := e.m.Get(ctx, tenant, sb.ID); err != nil || got.State != wire.StateRunning {
+		t.Errorf("after the checkpoint: got %+v, %v, want running", got, err)
+	}
+}

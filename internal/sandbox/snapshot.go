@@ -106,6 +106,14 @@ func (m *Manager) checkpointLocked(ctx context.Context, in *instance, dest, what
 	defer cancel()
 	in.setCancelOp(cancel)
 	defer in.setCancelOp(nil)
+	in.mu.Lock()
+	in.saving = true
+	in.mu.Unlock()
+	defer func() {
+		in.mu.Lock()
+		in.saving = false
+		in.mu.Unlock()
+	}()
 	if err := m.checkpointTo(opCtx, in.id, dest, true); err != nil {
 		return checkpointError(err, what)
 	}
