@@ -514,3 +514,22 @@ func TestCommandTimingOutDuringCheckpoint(t *testing.T) {
 		t.Errorf("after the checkpoint: got %+v, %v, want running", got, err)
 	}
 }
+
+// A fork with an invalid TTL is refused before anything is saved: a
+// checkpoint of the whole sandbox is not the price of a 400.
+func TestForkValidatesBeforeCheckpoint(t *testing.T) {
+	e := newLifecycleEnv(t, nil)
+	src := e.create(t, wire.CreateSandboxRequest{})
+	checkpoints := 0
+	e.rt.setCheckpoint(func(context.Context, string) error {
+		checkpoints++
+		return nil
+	})
+	_, err := e.m.Fork(context.Background(), tenant, src.ID, wire.ForkRequest{TTLSeconds: -1})
+	if !errors.Is(err, errdefs.ErrInvalid) {
+		t.Errorf("fork with ttl_seconds -1: got %v, want ErrInvalid", err)
+	}
+	if checkpoints != 0 {
+		t.Errorf("checkpoints before the refusal: got %d, want 0", checkpoints)
+	}
+}

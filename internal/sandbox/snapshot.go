@@ -243,6 +243,12 @@ func (m *Manager) Fork(ctx context.Context, tenant, id string, req wire.ForkRequ
 	if count < 1 || count > MaxForks {
 		return nil, errdefs.Invalid("count must be between 1 and %d, got %d", MaxForks, req.Count)
 	}
+	// Checked now, not after a checkpoint of the whole sandbox.
+	if req.TTLSeconds != 0 {
+		if _, err := m.ttl(req.TTLSeconds, false); err != nil {
+			return nil, err
+		}
+	}
 	in, err := m.lookup(tenant, id)
 	if err != nil {
 		return nil, err
