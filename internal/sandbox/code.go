@@ -229,6 +229,11 @@ func (m *Manager) codeError(ctx, ectx context.Context, in *instance, client *age
 	case ctx.Err() == nil && errors.Is(ectx.Err(), context.DeadlineExceeded) && !client.IsClosed():
 		// The agent let the cell's time pass without a word.
 		if perr := m.pingWithin(client, m.cfg.AgentTimeout); perr != nil {
+			if in.isSaving() {
+				// A checkpoint stops the whole sandbox while it saves
+				// it (as in execError).
+				return errdefs.Wrap(errdefs.ErrTimeout, perr, "the code context did not answer in time (the sandbox was being saved meanwhile)")
+			}
 			reason := "its agent stopped answering (it may have been stopped from inside the sandbox)"
 			m.fail(in, reason)
 			return errdefs.Wrap(errdefs.ErrUnavailable, perr, "sandbox %q was ended: %s", in.id, reason)
