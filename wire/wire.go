@@ -42,6 +42,10 @@ type CreateSandboxRequest struct {
 	SnapshotID string `json:"snapshot_id,omitempty"`
 	// OnTimeout is what happens at the TTL: "kill" (default) or "pause".
 	OnTimeout string `json:"on_timeout,omitempty"`
+	// Network gives the sandbox a network (see Network); none at all
+	// when absent. A sandbox created from a snapshot has the snapshot's
+	// network unless this says otherwise.
+	Network *Network `json:"network,omitempty"`
 }
 
 // What happens to a sandbox when its TTL ends.
@@ -67,6 +71,9 @@ type Sandbox struct {
 	// PausedBytes is the size on disk of a paused sandbox's saved state;
 	// 0 unless paused.
 	PausedBytes int64 `json:"paused_bytes"`
+	// Network is the sandbox's network and the access token of its
+	// exposed ports; absent for a sandbox without network.
+	Network *SandboxNetwork `json:"network,omitempty"`
 }
 
 // ForkRequest is the body of POST /v1/sandboxes/{id}/fork.

@@ -81,6 +81,10 @@ kept (--on-shutdown); paused sandboxes are always kept.`,
 	f.IntVar(&cfg.MaxOutputBytes, "max-output-bytes", 10<<20, "cap on each of stdout and stderr of one exec (the rest is dropped, the result says truncated)")
 	f.IntVar(&cfg.MaxConcurrentExecs, "max-concurrent-execs", 1024, "most commands running at once on the server; more are refused with 429")
 	f.Int64Var(&cfg.MaxBufferedOutputBytes, "max-buffered-output-bytes", 256<<20, "output all blocking execs together may hold in memory; past it their output is truncated (streamed execs are not limited)")
+	f.BoolVar(&cfg.Network.Enabled, "network", true, "let sandboxes that ask for a network have one (a network namespace each, nftables rules on the host, IPv4 forwarding on)")
+	f.StringVar(&cfg.Network.Namespace, "network-namespace", "", "network namespace (path) sandbox traffic leaves from (default: the server's own)")
+	f.IntVar(&cfg.Network.PoolSize, "network-pool", 2, "network slots kept prepared, so creates with a network do not wait for one")
+	f.StringSliceVar(&cfg.Network.Resolvers, "dns", nil, "upstream DNS servers (ip:port) for sandboxes (default: the host's /etc/resolv.conf)")
 	f.BoolVar(&debug, "debug", false, "log every request")
 	return cmd
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/pandastack/pandastack/internal/api"
+	"github.com/pandastack/pandastack/internal/network"
 	"github.com/pandastack/pandastack/internal/runtime/gvisor"
 	"github.com/pandastack/pandastack/internal/sandbox"
 	"github.com/pandastack/pandastack/internal/store"
@@ -50,6 +51,8 @@ type Config struct {
 	// "/pandastack" when empty.
 	CgroupParent   string
 	Sandbox        sandbox.Config
+	// Network configures sandbox networking.
+	Network NetworkConfig
 	MaxOutputBytes int
 	// MaxConcurrentExecs and MaxBufferedOutputBytes bound the commands
 	// running at once on the server and the output blocking execs hold in
@@ -64,6 +67,21 @@ type Config struct {
 	// Ready, when set, is called with the listening address once the
 	// server accepts requests.
 	Ready func(addr string)
+}
+
+// NetworkConfig configures sandbox networking.
+type NetworkConfig struct {
+	// Enabled lets sandboxes that ask for a network have one.
+	Enabled bool
+	// Namespace is the path of the network namespace sandbox traffic
+	// leaves from ("" for the daemon's own); tests give one whose only
+	// routes lead to stand-ins.
+	Namespace string
+	// PoolSize is how many network slots are kept prepared.
+	PoolSize int
+	// Resolvers are the upstream DNS servers ("ip:port"); the host's
+	// /etc/resolv.conf when empty.
+	Resolvers []string
 }
 
 // FindBinary returns the first of: the explicit path, name in the install
@@ -156,9 +174,24 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer rt.Close()
+	var nets sandbox.Networks
+	if cfg.Network.Enabled {
+		n, err := network.New(network.Config{
+			DaemonNS: cfg.Network.Namespace, Instance: cfg.DataDir, PoolSize: cfg.Network.PoolSize,
+			Resolvers: cfg.Network.Resolvers, Log: log,
+		})
+		if err != nil {
+			// Sandboxes without a network (the default) do not need it;
+			// a create that asks for one is told.
+			log.Error("sandbox networking is unavailable", "err", err)
+		} else {
+			defer n.Close()
+			nets = n
+		}
+	}
 	mgr := sandbox.NewManager(sandbox.Options{
 		Config: cfg.Sandbox, Runtime: rt, Store: st, Templates: tpls, AgentBinary: agentBin, Log: log,
-		StateDir: cfg.DataDir,
+		StateDir: cfg.DataDir, Network: nets,
 	})
 	st.OnFull(mgr.ReleaseDiskReserve)
 	if err := mgr.Start(ctx); err != nil {

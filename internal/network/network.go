@@ -105,16 +105,9 @@ func New(cfg Config) (*Network, error) {
 		n.daemon.Close()
 		return nil, fmt.Errorf("netlink in the daemon's namespace: %w", err)
 	}
-	n.removeLeftovers()
 	if err := n.setupDaemon(); err != nil {
 		n.Close()
 		return nil, err
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	n.stop = cancel
-	if cfg.PoolSize > 0 {
-		n.wg.Add(1)
-		go n.refill(ctx)
 	}
 	return n, nil
 }
@@ -125,13 +118,48 @@ func (n *Network) nsName(kind string, index int) string {
 
 func (n *Network) ifName(index int) string { return fmt.Sprintf("%sh%d", n.prefix, index) }
 
-// removeLeftovers deletes the namespaces and host interfaces an earlier run
-// of this daemon left (a crash): no slot survives a restart, the sandboxes
-// that used them are re-adopted with fresh ones or gone.
-func (n *Network) removeLeftovers() {
+// Adopt takes over slot index, which an earlier run of this daemon made
+// for a sandbox that is being re-adopted; its namespaces must still exist.
+// Call before RemoveUnused.
+func (n *Network) Adopt(index int, p Policy) (*Slot, error) {
+	if index <= 0 || index >= maxSlots {
+		return nil, fmt.Errorf("network slot %d out of range", index)
+	}
+	s := &Slot{Index: index, sandboxName: n.nsName("s", index), routerName: n.nsName("r", index), HostIface: n.ifName(index)}
+	s.SandboxNS = nsPath(s.sandboxName)
+	s.Uplink4, s.Gateway4, s.Uplink6, s.Gateway6 = slotAddrs(n.cfg.Prefix4, n.cfg.Prefix6, index)
+	for _, name := range []string{s.sandboxName, s.routerName} {
+		if _, err := os.Stat(nsPath(name)); err != nil {
+			return nil, fmt.Errorf("network slot %d is gone: %w", index, err)
+		}
+	}
+	n.mu.Lock()
+	if n.used[index] {
+		n.mu.Unlock()
+		return nil, fmt.Errorf("network slot %d is taken", index)
+	}
+	n.used[index] = true
+	n.policies[index] = p
+	n.bySource[s.Uplink4] = s
+	n.bySource[s.Uplink6] = s
+	n.mu.Unlock()
+	return s, nil
+}
+
+// RemoveUnused deletes the namespaces and host interfaces of this daemon's
+// slots that are neither adopted nor in use: what an earlier run left (a
+// crash). Call once, after adopting; it then starts preparing the pool.
+func (n *Network) RemoveUnused() {
+	defer n.startPool()
+	n.mu.Lock()
+	used := make(map[string]bool, len(n.used))
+	for i := range n.used {
+		used[n.nsName("s", i)], used[n.nsName("r", i)], used[n.ifName(i)] = true, true, true
+	}
+	n.mu.Unlock()
 	if ents, err := os.ReadDir(nsDir); err == nil {
 		for _, e := range ents {
-			if strings.HasPrefix(e.Name(), n.prefix+"-") {
+			if strings.HasPrefix(e.Name(), n.prefix+"-") && !used[e.Name()] {
 				n.log.Info("removing leftover network namespace", "name", e.Name())
 				_ = deleteNamedNS(e.Name())
 			}
@@ -139,7 +167,7 @@ func (n *Network) removeLeftovers() {
 	}
 	if links, err := n.dh.LinkList(); err == nil {
 		for _, l := range links {
-			if name := l.Attrs().Name; strings.HasPrefix(name, n.prefix+"h") {
+			if name := l.Attrs().Name; strings.HasPrefix(name, n.prefix+"h") && !used[name] {
 				_ = n.dh.LinkDel(l)
 			}
 		}
@@ -201,6 +229,18 @@ func (n *Network) Release(s *Slot) error {
 	err := n.destroySlot(s)
 	n.free(s.Index)
 	return err
+}
+
+func (n *Network) startPool() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.stop != nil || n.closed || n.cfg.PoolSize <= 0 {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	n.stop = cancel
+	n.wg.Add(1)
+	go n.refill(ctx)
 }
 
 func (n *Network) wake() {

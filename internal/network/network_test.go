@@ -30,6 +30,7 @@ func newTestNetwork(t *testing.T) (*Network, *nettest.Internet) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	n.RemoveUnused()
 	t.Cleanup(func() { _ = n.Close() })
 	return n, in
 }

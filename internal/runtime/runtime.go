@@ -52,6 +52,11 @@ type Spec struct {
 	// Binds are host directories shown read-only inside the sandbox (the
 	// agent's own directory). A restore must have its image's binds.
 	Binds []Bind
+	// NetworkNS is the path of a network namespace the sandbox's network
+	// stack takes over (its interfaces, addresses and routes); "" means no
+	// network but loopback. A restore of an image made with a network must
+	// have one too.
+	NetworkNS string
 }
 
 // Bind shows the host directory Source read-only at Destination inside the

@@ -11,6 +11,7 @@ import (
 	"github.com/pandastack/pandastack/internal/agent"
 	"github.com/pandastack/pandastack/internal/cleanup"
 	"github.com/pandastack/pandastack/internal/errdefs"
+	"github.com/pandastack/pandastack/internal/network"
 	"github.com/pandastack/pandastack/internal/runtime"
 	"github.com/pandastack/pandastack/internal/store"
 	"github.com/pandastack/pandastack/internal/template"
@@ -33,6 +34,11 @@ func (m *Manager) Create(ctx context.Context, tenant string, req wire.CreateSand
 			return wire.Sandbox{}, err
 		}
 		req.Env = mergeMaps(sn.Env, req.Env)
+		if req.Network == nil {
+			req.Network, _ = decodeNetwork(sn.Network)
+		} else if sn.Network == "" {
+			return wire.Sandbox{}, errdefs.Invalid("snapshot %s was taken of a sandbox without a network; a sandbox created from it cannot have one", sn.ID)
+		}
 		snap = &sn
 	}
 	p, err := m.params(req)
@@ -105,6 +111,9 @@ type params struct {
 	// templateHash it was made from ("" for the legacy build).
 	restore      bool
 	templateHash string
+	// network is the sandbox's network (nil: none) and policy its rules.
+	network *wire.Network
+	policy  network.Policy
 }
 
 // Sandbox layouts (store.Sandbox.Layout). A restore must use its image's.
@@ -120,7 +129,13 @@ const (
 
 func (m *Manager) params(req wire.CreateSandboxRequest) (params, error) {
 	p := params{template: req.Template, cpu: req.CPU, memMB: req.MemoryMB, diskMB: req.DiskMB, pids: req.Pids,
-		env: req.Env, metadata: req.Metadata, onTimeout: req.OnTimeout}
+		env: req.Env, metadata: req.Metadata, onTimeout: req.OnTimeout, network: req.Network}
+	if p.network != nil {
+		var err error
+		if p.policy, err = parseNetwork(*p.network); err != nil {
+			return params{}, err
+		}
+	}
 	if p.template == "" {
 		p.template = "base"
 	}
@@ -195,7 +210,9 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 	}
 	// A warm pool member is a hand-over; otherwise a restore of the
 	// template's snapshot, or a cold boot.
-	defaults := p.cpu == m.cfg.DefaultCPU && p.memMB == m.cfg.DefaultMemoryMB && p.diskMB == m.cfg.DiskMB && p.pids == m.cfg.Pids
+	// Pool members and template images have no network.
+	defaults := p.cpu == m.cfg.DefaultCPU && p.memMB == m.cfg.DefaultMemoryMB && p.diskMB == m.cfg.DiskMB && p.pids == m.cfg.Pids &&
+		p.network == nil
 	var warm *pooled
 	if image == "" && m.cfg.PoolSize > 0 && defaults {
 		warm = m.takePooled(tpl.Name)
@@ -218,7 +235,10 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 		ID: id, Tenant: tenant, Template: tpl.Name, State: wire.StateCreating,
 		CreatedAt: now, ExpiresAt: now.Add(p.ttl), Metadata: p.metadata, CPU: p.cpu, MemoryMB: p.memMB,
 		DiskMB: p.diskMB, Pids: p.pids, Env: p.env, OnTimeout: p.onTimeout, TTLSeconds: int(p.ttl / time.Second),
-		Layout: p.layout, TemplateHash: tpl.Hash,
+		Layout: p.layout, TemplateHash: tpl.Hash, Network: encodeNetwork(p.network),
+	}
+	if p.network != nil {
+		rec.AccessToken = randomID("")
 	}
 	if rec.Layout == 0 {
 		rec.Layout = layoutAgentMount
@@ -251,6 +271,19 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 		m.mu.Unlock()
 	})
 	defer cu.Clean()
+
+	if p.network != nil {
+		slot, err := m.attachNetwork(ctx, &spec, p.policy)
+		if err != nil {
+			return wire.Sandbox{}, err
+		}
+		in.mu.Lock()
+		in.netSlot = slot
+		in.rec.NetSlot = slot.Index
+		in.mu.Unlock()
+		rec.NetSlot = slot.Index
+		cu.Add(func() { m.releaseNetwork(in) })
+	}
 
 	// The create itself outlives a client that hangs up (runsc is never cut
 	// off half-way); it is undone afterwards. StartTimeout bounds the start;
@@ -400,6 +433,9 @@ func (m *Manager) boot(ctx context.Context, spec runtime.Spec, image string) (*a
 	if err != nil {
 		_ = m.rt.Delete(context.WithoutCancel(ctx), spec.ID)
 		return nil, fmt.Errorf("%w: %w", errAgentUnresponsive, err)
+	}
+	if image != "" {
+		m.notifyRestored(ctx, client)
 	}
 	return client, nil
 }

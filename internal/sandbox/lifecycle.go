@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/pandastack/pandastack/internal/agent"
+	"github.com/pandastack/pandastack/internal/network"
 	"github.com/pandastack/pandastack/internal/store"
 	"github.com/pandastack/pandastack/wire"
 )
@@ -83,6 +84,9 @@ type instance struct {
 	rec   store.Sandbox
 	// client is the agent session while running; nil otherwise.
 	client *agent.Client
+	// netSlot is the sandbox's network while its runtime sandbox exists
+	// (a sandbox with a network); nil otherwise.
+	netSlot *network.Slot
 	// slot reports whether the sandbox counts against MaxSandboxes (it
 	// has, or is about to have, runtime processes).
 	slot bool

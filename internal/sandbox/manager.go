@@ -184,6 +184,7 @@ type Store interface {
 	ListSnapshots(ctx context.Context, tenant string) ([]store.Snapshot, error)
 	DeleteSnapshot(ctx context.Context, tenant, id string) error
 	StoredBytes(ctx context.Context, tenant string) (int64, error)
+	SetSandboxNetwork(ctx context.Context, id, network string, slot int) error
 }
 
 // Manager owns every sandbox of this server. It is safe for concurrent use.
@@ -197,6 +198,8 @@ type Manager struct {
 	log       *slog.Logger
 	now       func() time.Time
 	disk      *diskGuard
+	// net gives sandboxes networks; nil when networking is off.
+	net Networks
 
 	stop     context.CancelFunc
 	bgCtx    context.Context
@@ -246,6 +249,8 @@ type Options struct {
 	Log      *slog.Logger
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
+	// Network gives sandboxes that ask for one a network; nil: none can.
+	Network Networks
 }
 
 // NewManager returns a Manager. Call Start before use and Close after.
@@ -263,7 +268,7 @@ func NewManager(o Options) *Manager {
 		disk: newDiskGuard(o.StateDir, int64(cfg.MinFreeDiskMB)<<20),
 		live: make(map[string]*instance), agents: make(map[string]string), pins: make(map[string]int),
 		tplFailed: make(map[string]time.Time), pool: make(map[string][]*pooled), poolKick: make(chan struct{}, 1),
-		bgCtx: context.Background(),
+		bgCtx: context.Background(), net: o.Network,
 	}
 }
 
@@ -410,6 +415,7 @@ func (m *Manager) endLocked(ctx context.Context, in *instance, state, reason str
 	if derr := m.rt.Delete(ctx, in.id); derr != nil {
 		err = errors.Join(err, derr)
 	}
+	m.releaseNetwork(in)
 	if rerr := os.RemoveAll(m.pausedDir(in.id)); rerr != nil {
 		err = errors.Join(err, rerr)
 	}
@@ -557,6 +563,7 @@ func (in *instance) toWire() wire.Sandbox {
 	return wire.Sandbox{
 		ID: r.ID, Template: r.Template, State: in.visibleState(), CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt,
 		Metadata: md, CPU: r.CPU, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB, Pids: r.Pids, OnTimeout: r.OnTimeout, PausedBytes: r.PausedBytes,
+		Network: networkToWire(storeNetwork{r.Network, r.AccessToken}),
 	}
 }
 

@@ -77,6 +77,9 @@ func (u *untouchable) SetSandboxExpiry(context.Context, string, time.Time, int) 
 func (u *untouchable) StoredBytes(context.Context, string) (int64, error) {
 	return 0, u.record("store.StoredBytes")
 }
+func (u *untouchable) SetSandboxNetwork(context.Context, string, string, int) error {
+	return u.record("store.SetSandboxNetwork")
+}
 func (u *untouchable) PruneEnded(context.Context, time.Time) (int64, error) {
 	return 0, u.record("store.PruneEnded")
 }

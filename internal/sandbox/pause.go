@@ -129,6 +129,17 @@ func (m *Manager) pauseLocked(ctx context.Context, in *instance) error {
 	if err := m.rt.Delete(context.WithoutCancel(ctx), in.id); err != nil {
 		m.log.Error("removing paused sandbox's runtime state", "id", in.id, "err", err)
 	}
+	// A paused sandbox holds no network; a resume gets a fresh slot (the
+	// inside of every slot is the same).
+	in.mu.Lock()
+	hadNet := in.netSlot != nil
+	in.mu.Unlock()
+	if hadNet {
+		m.releaseNetwork(in)
+		if err := m.store.SetSandboxNetwork(context.WithoutCancel(ctx), in.id, in.rec.Network, 0); err != nil {
+			m.log.Error("recording a paused sandbox's network", "id", in.id, "err", err)
+		}
+	}
 	m.log.Info("sandbox paused", "id", in.id, "bytes", size)
 	return nil
 }
@@ -179,6 +190,26 @@ func (m *Manager) ensureRunningLocked(ctx context.Context, in *instance) error {
 	if err != nil {
 		backToPaused()
 		return err
+	}
+	if _, policy := decodeNetwork(rec.Network); rec.Network != "" {
+		slot, err := m.attachNetwork(ctx, &spec, policy)
+		if err != nil {
+			backToPaused()
+			return err
+		}
+		in.mu.Lock()
+		in.netSlot = slot
+		in.rec.NetSlot = slot.Index
+		in.mu.Unlock()
+		prev := backToPaused
+		backToPaused = func() {
+			m.releaseNetwork(in)
+			prev()
+		}
+		if err := m.store.SetSandboxNetwork(ctx, in.id, rec.Network, slot.Index); err != nil {
+			backToPaused()
+			return err
+		}
 	}
 	dir := m.pausedDir(in.id)
 	opCtx, cancel := withTimeout(ctx, m.cfg.StartTimeout)

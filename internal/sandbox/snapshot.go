@@ -160,7 +160,7 @@ func (m *Manager) Snapshot(ctx context.Context, tenant, id string, req wire.Snap
 	sn := store.Snapshot{
 		ID: randomID("snap-"), Tenant: tenant, SourceSandbox: id, Template: r.Template,
 		CreatedAt: now, ExpiresAt: now.Add(ttl), Env: r.Env, CPU: r.CPU, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB, Pids: r.Pids,
-		Layout: r.Layout, TemplateHash: r.TemplateHash,
+		Layout: r.Layout, TemplateHash: r.TemplateHash, Network: r.Network,
 	}
 	dir := m.snapshotDir(sn.ID)
 	if err := m.checkpointLocked(ctx, in, dir, "take a snapshot"); err != nil {
@@ -280,7 +280,7 @@ func (m *Manager) Fork(ctx context.Context, tenant, id string, req wire.ForkRequ
 	}
 	p, err := m.params(wire.CreateSandboxRequest{
 		Template: r.Template, TTLSeconds: ttl, CPU: r.CPU, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB, Pids: r.Pids,
-		Env: r.Env, Metadata: r.Metadata, OnTimeout: r.OnTimeout,
+		Env: r.Env, Metadata: r.Metadata, OnTimeout: r.OnTimeout, Network: parentNetwork(r),
 	})
 	if err != nil {
 		return nil, err
@@ -314,4 +314,10 @@ func snapshotToWire(sn store.Snapshot) wire.Snapshot {
 		CreatedAt: sn.CreatedAt, ExpiresAt: sn.ExpiresAt,
 		CPU: sn.CPU, MemoryMB: sn.MemoryMB, DiskMB: sn.DiskMB, Pids: sn.Pids,
 	}
+}
+
+// parentNetwork is the network a fork gets: its parent's.
+func parentNetwork(r store.Sandbox) *wire.Network {
+	n, _ := decodeNetwork(r.Network)
+	return n
 }

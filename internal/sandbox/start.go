@@ -103,6 +103,11 @@ func (m *Manager) Start(ctx context.Context) error {
 		}
 	}
 	m.removeStrayPauseImages()
+	if m.net != nil {
+		// The slots of the sandboxes re-adopted above are kept; the others
+		// an earlier run left go.
+		m.net.RemoveUnused()
+	}
 	if err := m.reconcileSnapshots(ctx); err != nil {
 		return err
 	}
@@ -176,6 +181,14 @@ func (m *Manager) settleRunning(ctx context.Context, r store.Sandbox, hasImage b
 	if err == nil {
 		in := newInstance(r.ID, r.Tenant, r, phaseRunning)
 		in.client = client
+		if r.Network != "" && r.NetSlot > 0 && m.net != nil {
+			_, policy := decodeNetwork(r.Network)
+			slot, err := m.net.Adopt(r.NetSlot, policy)
+			if err != nil {
+				m.log.Warn("re-adopted sandbox lost its network", "id", r.ID, "err", err)
+			}
+			in.netSlot = slot
+		}
 		m.register(in, true)
 		go m.watch(in, client)
 		m.guard(in, client)

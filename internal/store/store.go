@@ -111,6 +111,14 @@ ALTER TABLE snapshots ADD COLUMN layout INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE sandboxes ADD COLUMN template_hash TEXT NOT NULL DEFAULT '';
 ALTER TABLE snapshots ADD COLUMN template_hash TEXT NOT NULL DEFAULT '';
 `,
+	// 7: networking: the sandbox's network (JSON; '' for none), its slot
+	// while it runs, and the access token of its exposed ports.
+	`
+ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT '';
+ALTER TABLE sandboxes ADD COLUMN net_slot INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sandboxes ADD COLUMN access_token TEXT NOT NULL DEFAULT '';
+ALTER TABLE snapshots ADD COLUMN network TEXT NOT NULL DEFAULT '';
+`,
 }
 
 // Open opens (creating if needed) the database at path.
@@ -192,9 +200,15 @@ type Sandbox struct {
 	// TemplateHash is the template build it was made from; "" in records
 	// older than the column (the legacy build).
 	TemplateHash string
+	// Network is the sandbox's network as JSON ("" for none); NetSlot its
+	// network slot while it runs (0: none); AccessToken opens its exposed
+	// ports.
+	Network     string
+	NetSlot     int
+	AccessToken string
 }
 
-const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb, env, on_timeout, ttl_seconds, paused_bytes, disk_mb, pids, layout, template_hash`
+const sandboxCols = `id, tenant, template, state, created_at, expires_at, metadata, cpu, memory_mb, env, on_timeout, ttl_seconds, paused_bytes, disk_mb, pids, layout, template_hash, network, net_slot, access_token`
 
 // CreateSandbox inserts a new record.
 func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
@@ -212,9 +226,10 @@ func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
 	if sb.Layout == 0 {
 		sb.Layout = 1
 	}
-	_, err = s.exec(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = s.exec(ctx, `INSERT INTO sandboxes (`+sandboxCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		sb.ID, sb.Tenant, sb.Template, sb.State, sb.CreatedAt.UnixNano(), sb.ExpiresAt.UnixNano(), string(md), sb.CPU, sb.MemoryMB,
-		string(env), sb.OnTimeout, sb.TTLSeconds, sb.PausedBytes, sb.DiskMB, sb.Pids, sb.Layout, sb.TemplateHash)
+		string(env), sb.OnTimeout, sb.TTLSeconds, sb.PausedBytes, sb.DiskMB, sb.Pids, sb.Layout, sb.TemplateHash,
+		sb.Network, sb.NetSlot, sb.AccessToken)
 	if err != nil {
 		return fmt.Errorf("inserting sandbox %s: %w", sb.ID, err)
 	}
@@ -226,7 +241,8 @@ func scanSandbox(row interface{ Scan(...any) error }) (Sandbox, error) {
 	var created, expires int64
 	var md, env string
 	if err := row.Scan(&sb.ID, &sb.Tenant, &sb.Template, &sb.State, &created, &expires, &md, &sb.CPU, &sb.MemoryMB,
-		&env, &sb.OnTimeout, &sb.TTLSeconds, &sb.PausedBytes, &sb.DiskMB, &sb.Pids, &sb.Layout, &sb.TemplateHash); err != nil {
+		&env, &sb.OnTimeout, &sb.TTLSeconds, &sb.PausedBytes, &sb.DiskMB, &sb.Pids, &sb.Layout, &sb.TemplateHash,
+		&sb.Network, &sb.NetSlot, &sb.AccessToken); err != nil {
 		return Sandbox{}, err
 	}
 	if err := json.Unmarshal([]byte(env), &sb.Env); err != nil {
@@ -390,12 +406,14 @@ type Snapshot struct {
 	CPU          float64
 	MemoryMB     int
 	DiskMB, Pids int
-	// Layout and TemplateHash are the source sandbox's (see Sandbox).
+	// Layout, TemplateHash and Network are the source sandbox's (see
+	// Sandbox).
 	Layout       int
 	TemplateHash string
+	Network      string
 }
 
-const snapshotCols = `id, tenant, source_sandbox, template, size_bytes, created_at, env, cpu, memory_mb, disk_mb, pids, expires_at, layout, template_hash`
+const snapshotCols = `id, tenant, source_sandbox, template, size_bytes, created_at, env, cpu, memory_mb, disk_mb, pids, expires_at, layout, template_hash, network`
 
 // CreateSnapshot inserts a snapshot record.
 func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
@@ -410,9 +428,9 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn Snapshot) error {
 	if sn.Layout == 0 {
 		sn.Layout = 1
 	}
-	_, err = s.exec(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = s.exec(ctx, `INSERT INTO snapshots (`+snapshotCols+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		sn.ID, sn.Tenant, sn.SourceSandbox, sn.Template, sn.SizeBytes, sn.CreatedAt.UnixNano(), string(env), sn.CPU, sn.MemoryMB,
-		sn.DiskMB, sn.Pids, expires, sn.Layout, sn.TemplateHash)
+		sn.DiskMB, sn.Pids, expires, sn.Layout, sn.TemplateHash, sn.Network)
 	if err != nil {
 		return fmt.Errorf("inserting snapshot %s: %w", sn.ID, err)
 	}
@@ -424,7 +442,7 @@ func scanSnapshot(row interface{ Scan(...any) error }) (Snapshot, error) {
 	var created, expires int64
 	var env string
 	if err := row.Scan(&sn.ID, &sn.Tenant, &sn.SourceSandbox, &sn.Template, &sn.SizeBytes, &created, &env, &sn.CPU, &sn.MemoryMB,
-		&sn.DiskMB, &sn.Pids, &expires, &sn.Layout, &sn.TemplateHash); err != nil {
+		&sn.DiskMB, &sn.Pids, &expires, &sn.Layout, &sn.TemplateHash, &sn.Network); err != nil {
 		return Snapshot{}, err
 	}
 	sn.CreatedAt = time.Unix(0, created).UTC()
@@ -491,4 +509,14 @@ func (s *Store) StoredBytes(ctx context.Context, tenant string) (int64, error) {
 		return 0, fmt.Errorf("summing stored bytes of tenant %s: %w", tenant, err)
 	}
 	return n, nil
+}
+
+// SetSandboxNetwork records a sandbox's network (JSON, "" for none) and
+// its slot (0 for none).
+func (s *Store) SetSandboxNetwork(ctx context.Context, id, network string, slot int) error {
+	res, err := s.exec(ctx, `UPDATE sandboxes SET network = ?, net_slot = ? WHERE id = ?`, network, slot, id)
+	if err != nil {
+		return fmt.Errorf("recording the network of sandbox %s: %w", id, err)
+	}
+	return mustAffect(res, id)
 }

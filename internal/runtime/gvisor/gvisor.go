@@ -90,6 +90,11 @@ func (r *Runtime) dir(id string) string { return filepath.Join(r.cfg.StateDir, "
 // globalFlags are the flags every runsc call for the sandbox gets; they must
 // stay identical across its calls (checkpoint and restore compare them).
 func (r *Runtime) globalFlags(id string, disk int64) []string {
+	network := "none"
+	if r.networked(id) {
+		// gVisor's netstack takes over the namespace in the spec.
+		network = "sandbox"
+	}
 	overlay := "root:dir=" + r.dir(id)
 	if disk > 0 {
 		overlay += fmt.Sprintf(",size=%d", disk)
@@ -97,7 +102,7 @@ func (r *Runtime) globalFlags(id string, disk int64) []string {
 	return []string{
 		"--root=" + filepath.Join(r.cfg.StateDir, "runsc"),
 		"--platform=" + r.cfg.Platform,
-		"--network=none",
+		"--network=" + network,
 		"--overlay2=" + overlay,
 	}
 }
@@ -162,6 +167,15 @@ func (r *Runtime) Checkpoint(ctx context.Context, id, image string, leaveRunning
 	return nil
 }
 
+// networkMark marks, in a sandbox's directory, a sandbox with a network:
+// every runsc call for it needs the same --network flag.
+const networkMark = "networked"
+
+func (r *Runtime) networked(id string) bool {
+	_, err := os.Stat(filepath.Join(r.dir(id), networkMark))
+	return err == nil
+}
+
 // launch starts a sandbox with runsc's run or restore subcommand.
 func (r *Runtime) launch(ctx context.Context, spec runtime.Spec, subcmd ...string) (err error) {
 	if !validID(spec.ID) {
@@ -178,6 +192,11 @@ func (r *Runtime) launch(ctx context.Context, spec runtime.Spec, subcmd ...strin
 			_ = r.Delete(context.WithoutCancel(ctx), spec.ID)
 		}
 	}()
+	if spec.NetworkNS != "" {
+		if err := os.WriteFile(filepath.Join(dir, networkMark), nil, 0o600); err != nil {
+			return fmt.Errorf("marking the sandbox networked: %w", err)
+		}
+	}
 	oci, err := ociSpec(spec, r.cfg.CgroupParent)
 	if err != nil {
 		return err

@@ -104,7 +104,7 @@ func ociSpec(s runtime.Spec, cgroupParent string) ([]byte, error) {
 				{Type: specs.IPCNamespace},
 				{Type: specs.UTSNamespace},
 				{Type: specs.MountNamespace},
-				{Type: specs.NetworkNamespace},
+				{Type: specs.NetworkNamespace, Path: s.NetworkNS},
 			},
 		},
 	}
