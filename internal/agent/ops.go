@@ -66,6 +66,9 @@ func (s *Server) handleOp(ctx context.Context, st *yamux.Stream, req Request) bo
 	case OpProcessStart, OpProcessList, OpProcessGet, OpProcessStdin, OpProcessSignal,
 		OpProcessResize, OpProcessWait, OpProcessAttach:
 		return s.handleProcessOp(ctx, st, req)
+	case OpCodeRun, OpCodeCreate, OpCodeList, OpCodeRestart, OpCodeDelete, OpRestored:
+		s.handleCode(ctx, st, req)
+		return true
 	default:
 		return false
 	}

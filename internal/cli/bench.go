@@ -55,6 +55,9 @@ func figure(name, comment string, d []time.Duration) benchFigure {
 type benchOpts struct {
 	n, execs, baselineN, forks int
 	density, rateN             int
+	// codeN is how many creates the code-interpreter figures time (0:
+	// none).
+	codeN int
 	tmpl, runscPath            string
 	self, asJSON, skipLarge    bool
 }
@@ -70,7 +73,10 @@ func newBenchCmd() *cobra.Command {
     byte arrives (then kill it, untimed), --n times, one at a time;
   - exec round trip: "true" run --execs times in one sandbox;
   - snapshot, resume (after an untimed pause) and fork of a sandbox whose Python process
-    holds 200 MB (template code-interpreter).
+    holds 200 MB (template code-interpreter);
+  - code interpreter: create → first result of a pandas cell (run_code), beside
+    "python3 -c 'import pandas'" run in a fresh sandbox, and a trivial cell's round trip
+    (1+1) beside an exec of "true" in the same sandbox.
 By default (--self) it starts its own servers in temporary data directories, sharing the
 installed templates, in three configurations: cold boot, template snapshots, and a warm
 pool. With --self=false it measures the server at --url as it is configured.`,
@@ -104,6 +110,7 @@ pool. With --self=false it measures the server at --url as it is configured.`,
 	f.BoolVar(&o.skipLarge, "skip-large", false, "skip the 200 MB fork figures")
 	f.IntVar(&o.density, "density", 200, "idle sandboxes to hold at once for the memory-per-sandbox figure (0: skip)")
 	f.IntVar(&o.rateN, "rate", 120, "creates by 4 concurrent clients for the sustained-rate figure (0: skip)")
+	f.IntVar(&o.codeN, "code-n", 10, "creates timed for each code-interpreter figure (0: skip them)")
 	f.BoolVar(&o.asJSON, "json", false, "print JSON")
 	return cmd
 }
@@ -125,7 +132,9 @@ func runBench(cmd *cobra.Command, o benchOpts) ([]benchFigure, error) {
 			return nil, err
 		}
 		more, err := benchServer(ctx, c, o, "server at --url", true)
-		return append(figs, more...), err
+		figs = append(figs, more...)
+		relateCodeFigures(figs)
+		return figs, err
 	}
 	configs := []struct {
 		name  string
@@ -151,6 +160,7 @@ func runBench(cmd *cobra.Command, o benchOpts) ([]benchFigure, error) {
 		}
 		figs = append(figs, more...)
 	}
+	relateCodeFigures(figs)
 	return figs, nil
 }
 
@@ -210,6 +220,13 @@ func benchServer(ctx context.Context, c *pandastack.Client, o benchOpts, label s
 		return nil, err
 	}
 	figs := []benchFigure{figure("create → first output", label+"; template "+o.tmpl, create)}
+	if o.codeN > 0 {
+		code, err := benchCodeFigures(ctx, c, o, label, rest)
+		if err != nil {
+			return nil, err
+		}
+		figs = append(figs, code...)
+	}
 	if !rest {
 		return figs, nil
 	}

@@ -37,6 +37,7 @@ func newSandboxCmd() *cobra.Command {
 		newSandboxForkCmd(),
 		newSandboxPauseCmd(),
 		newSandboxResumeCmd(),
+		newSandboxRunCodeCmd(),
 	)
 	return cmd
 }

@@ -16,6 +16,7 @@ from ._http import __version__
 from .errors import (AuthenticationError, ConflictError, InsufficientStorageError,
                      InvalidArgumentError, NotFoundError, PandaStackConnectionError, PandaStackError,
                      QuotaExceededError, ServerError, ServerTimeoutError, TooLargeError, UnavailableError)
+from .code import CodeContext, Execution, ExecutionError, Logs, Result
 from .models import ExecResult, SandboxInfo
 from .sandbox import Sandbox
 from .snapshot import Snapshot
@@ -25,6 +26,11 @@ __all__ = [
     "SandboxInfo",
     "Snapshot",
     "ExecResult",
+    "Execution",
+    "ExecutionError",
+    "Result",
+    "Logs",
+    "CodeContext",
     "PandaStackError",
     "InvalidArgumentError",
     "AuthenticationError",

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 from ._http import DEFAULT_REQUEST_TIMEOUT, HTTPClient, path_escape, str_map
 from .errors import (NotFoundError, PandaStackConnectionError, PandaStackError, ServerError,
                      error_from_code)
+from .code import CodeMixin
 from .models import ExecResult, SandboxInfo
 from .snapshot import Snapshot
 
@@ -21,7 +22,7 @@ EXEC_TIMEOUT_MARGIN = 30.0
 OutputCallback = Callable[[str], Any]
 
 
-class Sandbox:
+class Sandbox(CodeMixin):
     """A handle on one sandbox.
 
     Make one with :meth:`create` or :meth:`connect`. As a context manager it
