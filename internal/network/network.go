@@ -60,8 +60,9 @@ type Network struct {
 	prefix string // of namespace and interface names
 	log    *slog.Logger
 
-	daemon netns.NsHandle
-	dh     *netlink.Handle
+	daemon   netns.NsHandle
+	dh       *netlink.Handle
+	resolver *resolver
 
 	mu sync.Mutex
 	// used marks the slot indexes in use or prepared.
@@ -106,6 +107,10 @@ func New(cfg Config) (*Network, error) {
 		return nil, fmt.Errorf("netlink in the daemon's namespace: %w", err)
 	}
 	if err := n.setupDaemon(); err != nil {
+		n.Close()
+		return nil, err
+	}
+	if err := n.startResolver(); err != nil {
 		n.Close()
 		return nil, err
 	}
@@ -298,6 +303,9 @@ func (n *Network) Close() error {
 	n.wg.Wait()
 	for _, s := range pool {
 		_ = n.Release(s)
+	}
+	if n.resolver != nil {
+		n.resolver.shutdown()
 	}
 	n.teardownDaemon()
 	if n.dh != nil {

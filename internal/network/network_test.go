@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miekg/dns"
 	"github.com/pandastack/pandastack/internal/nettest"
 	"github.com/vishvananda/netlink"
 )
@@ -295,5 +296,95 @@ func TestMergeRanges(t *testing.T) {
 	want := "[[10.0.0.0 11.255.255.255] [169.254.0.0 169.254.255.255] [240.0.0.0 255.255.255.255]]"
 	if fmt.Sprint(got) != want {
 		t.Errorf("got %v, want %s", got, want)
+	}
+}
+
+// lookup resolves name (A and AAAA) from the slot's sandbox namespace
+// through its router: the resolver a sandbox's resolv.conf names.
+func lookup(t *testing.T, s *Slot, name string) ([]string, error) {
+	t.Helper()
+	var addrs []string
+	var lerr error
+	err := nettest.InNS(s.SandboxNS, func() error {
+		for _, qt := range []uint16{dns.TypeA, dns.TypeAAAA} {
+			m := new(dns.Msg)
+			m.SetQuestion(dns.Fqdn(name), qt)
+			r, _, err := (&dns.Client{Timeout: 10 * time.Second}).Exchange(m, net.JoinHostPort(RouterIP4.String(), "53"))
+			if err != nil {
+				lerr = err
+				return nil
+			}
+			if r.Rcode != dns.RcodeSuccess {
+				lerr = fmt.Errorf("%s: %s", name, dns.RcodeToString[r.Rcode])
+				return nil
+			}
+			for _, rr := range r.Answer {
+				switch a := rr.(type) {
+				case *dns.A:
+					addrs = append(addrs, a.A.String())
+				case *dns.AAAA:
+					addrs = append(addrs, a.AAAA.String())
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addrs, lerr
+}
+
+// DNS answers only names the policy allows, drops answers that point at
+// private addresses, and opens an allowed name's addresses on its ports.
+func TestResolverFollowsThePolicy(t *testing.T) {
+	in := nettest.New(t)
+	n, err := New(Config{DaemonNS: in.DaemonNS, Instance: t.Name(), Resolvers: []string{in.DNS}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	n.RemoveUnused()
+	s, err := n.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Release(s)
+	pub := nettest.PublicIP.String() + ":80"
+	for _, tc := range []struct {
+		name    string
+		policy  Policy
+		lookups map[string]bool // name → resolves
+		open    bool            // PublicIP:80 reachable after the lookups
+	}{
+		{"none", Policy{}, map[string]bool{nettest.AllowedName: false, nettest.OtherName: false}, false},
+		{"internet", Policy{Internet: true}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: true, nettest.PrivateName: false, nettest.MetaName: false}, true},
+		{"internet, a name denied", Policy{Internet: true, Deny: mustRules(t, "other.test")}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: false}, true},
+		{"allow a name's port", Policy{Allow: mustRules(t, "allowed.test:80")}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: false}, true},
+		{"allow a wildcard", Policy{Allow: mustRules(t, "*.test:80")}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: true, nettest.PrivateName: false}, true},
+		{"allow another port", Policy{Allow: mustRules(t, "allowed.test:8080")}, map[string]bool{nettest.AllowedName: true}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := n.SetPolicy(s, tc.policy); err != nil {
+				t.Fatal(err)
+			}
+			for name, want := range tc.lookups {
+				addrs, err := lookup(t, s, name)
+				if got := err == nil && len(addrs) > 0; got != want {
+					t.Errorf("lookup %s: got %v, %v; want resolved: %v", name, addrs, err, want)
+				}
+			}
+			want := "refused"
+			if tc.open {
+				want = "ok"
+			}
+			if got := dial(t, s, "tcp", pub); got != want {
+				t.Errorf("dial %s after the lookups: got %s, want %s", pub, got, want)
+			}
+			// Another resolver is never reachable, whatever the policy.
+			if got := dial(t, s, "tcp", in.DNS); got != "refused" {
+				t.Errorf("DNS over TCP to another resolver: got %s, want refused", got)
+			}
+		})
 	}
 }

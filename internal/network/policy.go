@@ -341,6 +341,14 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 		add(fwd, rule(match, l4proto(unix.IPPROTO_TCP), rejectTCP()))
 		add(fwd, rule(match, rejectAny()))
 	}
+	// DNS goes to the daemon's resolver only (translated above): DNS
+	// and DNS over TLS to any other server are refused.
+	for _, pp := range []struct {
+		proto byte
+		port  uint16
+	}{{unix.IPPROTO_UDP, 53}, {unix.IPPROTO_TCP, 53}, {unix.IPPROTO_TCP, 853}} {
+		refuse(rule(iif("in0"), l4proto(pp.proto), dport(pp.port)))
+	}
 	refuse(rule(iif("in0"), addrIn(sets["deny4"], false, true)))
 	refuse(rule(iif("in0"), addrIn(sets["deny6"], true, true)))
 	for _, r := range p.Deny {
@@ -351,9 +359,27 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 	if p.Internet {
 		add(fwd, rule(iif("in0"), accept()))
 	}
-	for _, r := range p.Allow {
-		for _, m := range ruleMatches(r) {
-			add(fwd, rule(iif("in0"), m, accept()))
+	for i, r := range p.Allow {
+		if r.Name == "" {
+			for _, m := range ruleMatches(r) {
+				add(fwd, rule(iif("in0"), m, accept()))
+			}
+			continue
+		}
+		// A name rule opens the addresses the resolver answered for the
+		// name (sets with a timeout, filled by the resolver).
+		for _, v6 := range []bool{false, true} {
+			kt := nftables.TypeIPAddr
+			if v6 {
+				kt = nftables.TypeIP6Addr
+			}
+			set := &nftables.Set{Table: t, Name: nameSet(i, v6), KeyType: kt, HasTimeout: true}
+			if err := c.AddSet(set, nil); err != nil {
+				return fmt.Errorf("adding set %s: %w", set.Name, err)
+			}
+			for _, m := range portMatches(r, addrIn(set, v6, true)) {
+				add(fwd, rule(iif("in0"), m, accept()))
+			}
 		}
 	}
 	refuse(iif("in0"))
@@ -370,7 +396,12 @@ func ruleMatches(r Rule) []exprs {
 	if !r.Prefix.IsValid() {
 		return nil
 	}
-	base := inPrefix(r.Prefix, true)
+	return portMatches(r, inPrefix(r.Prefix, true))
+}
+
+// portMatches combines a destination match with the rule's protocols and
+// port ranges.
+func portMatches(r Rule, base exprs) []exprs {
 	if len(r.Ports) == 0 {
 		return []exprs{base}
 	}
