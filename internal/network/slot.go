@@ -38,7 +38,7 @@ const (
 type Slot struct {
 	Index int
 	// SandboxNS is the path of the sandbox's namespace, for its spec.
-	SandboxNS string
+	SandboxNS               string
 	sandboxName, routerName string
 	// HostIface is the uplink's end in the daemon's namespace.
 	HostIface string
