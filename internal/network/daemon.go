@@ -150,7 +150,9 @@ func (n *Network) setupDaemon() error {
 }
 
 // servicePorts are the ports of the service address sandboxes may reach.
-func (n *Network) servicePorts() []uint16 { return []uint16{n.dnsPort()} }
+func (n *Network) servicePorts() []uint16 {
+	return []uint16{n.dnsPort(), proxyHTTPPort, proxyTLSPort}
+}
 
 // teardownDaemon removes the daemon's table and service interface.
 func (n *Network) teardownDaemon() {

@@ -63,6 +63,7 @@ type Network struct {
 	daemon   netns.NsHandle
 	dh       *netlink.Handle
 	resolver *resolver
+	proxy    *proxy
 
 	mu sync.Mutex
 	// used marks the slot indexes in use or prepared.
@@ -111,6 +112,10 @@ func New(cfg Config) (*Network, error) {
 		return nil, err
 	}
 	if err := n.startResolver(); err != nil {
+		n.Close()
+		return nil, err
+	}
+	if err := n.startProxy(); err != nil {
 		n.Close()
 		return nil, err
 	}
@@ -306,6 +311,9 @@ func (n *Network) Close() error {
 	}
 	if n.resolver != nil {
 		n.resolver.shutdown()
+	}
+	if n.proxy != nil {
+		n.proxy.close()
 	}
 	n.teardownDaemon()
 	if n.dh != nil {

@@ -1,10 +1,13 @@
 package network
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -384,6 +387,107 @@ func TestResolverFollowsThePolicy(t *testing.T) {
 			// Another resolver is never reachable, whatever the policy.
 			if got := dial(t, s, "tcp", in.DNS); got != "refused" {
 				t.Errorf("DNS over TCP to another resolver: got %s, want refused", got)
+			}
+		})
+	}
+}
+
+// fetch sends one HTTP request (or, with sni set, one HTTPS request) for
+// host to addr from the slot's sandbox namespace; it returns the status
+// line or "refused"/"reset" or the error.
+func fetch(t *testing.T, in *nettest.Internet, s *Slot, addr, host string, useTLS bool, sni string) string {
+	t.Helper()
+	var got string
+	_ = nettest.InNS(s.SandboxNS, func() error {
+		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+		if err != nil {
+			got = "refused"
+			return nil
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+		var rw net.Conn = c
+		if useTLS {
+			tc := tls.Client(c, &tls.Config{ServerName: sni, RootCAs: in.Pool, InsecureSkipVerify: sni == ""})
+			if err := tc.Handshake(); err != nil {
+				got = "reset"
+				return nil
+			}
+			rw = tc
+		}
+		fmt.Fprintf(rw, "GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", host)
+		resp, err := http.ReadResponse(bufio.NewReader(rw), nil)
+		if err != nil {
+			got = "reset"
+			return nil
+		}
+		resp.Body.Close()
+		got = resp.Status
+		return nil
+	})
+	return got
+}
+
+// Host-name rules are enforced where the name is on the wire: the Host
+// header and the TLS server name, through the proxy; an allowed name is
+// connected to at its own addresses, a name resolving to a private address
+// never.
+func TestNamesOnTheWire(t *testing.T) {
+	in := nettest.New(t)
+	n, err := New(Config{DaemonNS: in.DaemonNS, Instance: t.Name(), Resolvers: []string{in.DNS}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	n.RemoveUnused()
+	s, err := n.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Release(s)
+	http80 := nettest.PublicIP.String() + ":80"
+	https := nettest.PublicIP.String() + ":443"
+	for _, tc := range []struct {
+		name   string
+		policy Policy
+		checks []struct {
+			addr, host string
+			tls        bool
+			sni, want  string
+		}
+	}{
+		{"allow a name", Policy{Allow: mustRules(t, "allowed.test:80,443", "private.test")}, []struct {
+			addr, host string
+			tls        bool
+			sni, want  string
+		}{
+			{http80, "allowed.test", false, "", "200 OK"},
+			{http80, "other.test", false, "", "reset"},
+			{http80, nettest.PublicIP.String(), false, "", "reset"},
+			{https, "allowed.test", true, "allowed.test", "200 OK"},
+			{https, "other.test", true, "other.test", "reset"},
+			{https, "x", true, "", "reset"},
+			{nettest.PrivateIP.String() + ":80", "private.test", false, "", "reset"},
+		}},
+		{"internet, a name denied", Policy{Internet: true, Deny: mustRules(t, "other.test")}, []struct {
+			addr, host string
+			tls        bool
+			sni, want  string
+		}{
+			{http80, "allowed.test", false, "", "200 OK"},
+			{http80, "other.test", false, "", "reset"},
+			{https, "allowed.test", true, "allowed.test", "200 OK"},
+			{https, "other.test", true, "other.test", "reset"},
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := n.SetPolicy(s, tc.policy); err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range tc.checks {
+				if got := fetch(t, in, s, c.addr, c.host, c.tls, c.sni); got != c.want {
+					t.Errorf("%s Host %s SNI %q: got %s, want %s", c.addr, c.host, c.sni, got, c.want)
+				}
 			}
 		})
 	}

@@ -24,6 +24,19 @@ type Policy struct {
 // Empty reports whether the policy allows nothing (egress "none").
 func (p Policy) Empty() bool { return !p.Internet && len(p.Allow) == 0 }
 
+// namesHosts reports whether a rule of the policy is a host name: then its
+// HTTP and TLS go through the proxy.
+func (p Policy) namesHosts() bool {
+	for _, rs := range [][]Rule{p.Allow, p.Deny} {
+		for _, r := range rs {
+			if r.Name != "" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Rule is one allow or deny entry: an address prefix or a host name (with
 // "*." for any subdomain), optionally limited to ports and a protocol.
 type Rule struct {
@@ -323,6 +336,14 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
 			add(pre, rule(iif("in0"), addrIs(fam.router, true, expr.CmpOpEq), l4proto(proto), dport(53),
 				natTo(expr.NATTypeDestNAT, fam.svc, n.dnsPort())))
+		}
+		// Where the policy names hosts, HTTP and TLS go through the
+		// daemon's proxy, which reads the name on the wire.
+		if p.namesHosts() {
+			for _, pp := range [][2]uint16{{80, proxyHTTPPort}, {443, proxyTLSPort}} {
+				add(pre, rule(iif("in0"), nfproto(fam.svc.Is6()), l4proto(unix.IPPROTO_TCP), dport(pp[0]),
+					natTo(expr.NATTypeDestNAT, fam.svc, pp[1])))
+			}
 		}
 		// The daemon reaches the sandbox's ports at its uplink address.
 		add(pre, rule(iif("up0"), addrIs(fam.uplink, true, expr.CmpOpEq), natTo(expr.NATTypeDestNAT, fam.sandbox, 0)))
