@@ -5,7 +5,8 @@
 // server at 198.51.100.10 (HTTP and HTTPS, reached by two names, one of
 // them usually allowed), a private service at 10.0.0.5, cloud metadata at
 // 169.254.169.254, an IPv6 server at 2001:db8::10, and a DNS server of the
-// test's own at 198.51.100.53. No packet can leave through the machine's
+// test's own at 198.51.100.53. The web server answers plain HTTP on ports
+// 80 and 8080 and HTTPS on 443. No packet can leave through the machine's
 // real interface: nothing here routes to it. (This machine's real interface
 // uses 192.0.2.0/24 and fd00::/64, and its package registries are reached
 // in 203.0.113.0/24: none of those ranges is used.)
@@ -166,7 +167,7 @@ func (in *Internet) serve(t testing.TB) {
 	})
 	var lns []net.Listener
 	err := InNS(in.InetNS, func() error {
-		for _, a := range []string{":80", ":443"} {
+		for _, a := range []string{":80", ":443", ":8080"} {
 			ln, err := net.Listen("tcp", a)
 			if err != nil {
 				return err
@@ -183,6 +184,7 @@ func (in *Internet) serve(t testing.TB) {
 		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}}
 	go func() { _ = plain.Serve(lns[0]) }()
 	go func() { _ = secure.ServeTLS(lns[1], "", "") }()
+	go func() { _ = plain.Serve(lns[2]) }()
 
 	var udp net.PacketConn
 	var tcp net.Listener

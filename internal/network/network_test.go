@@ -353,19 +353,21 @@ func TestResolverFollowsThePolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer n.Release(s)
-	pub := nettest.PublicIP.String() + ":80"
+	// Port 8080: name rules open addresses there (80 and 443 go through
+	// the proxy, TestNamesOnTheWire).
+	pub := nettest.PublicIP.String() + ":8080"
 	for _, tc := range []struct {
 		name    string
 		policy  Policy
 		lookups map[string]bool // name → resolves
-		open    bool            // PublicIP:80 reachable after the lookups
+		open    bool            // PublicIP:8080 reachable after the lookups
 	}{
 		{"none", Policy{}, map[string]bool{nettest.AllowedName: false, nettest.OtherName: false}, false},
 		{"internet", Policy{Internet: true}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: true, nettest.PrivateName: false, nettest.MetaName: false}, true},
 		{"internet, a name denied", Policy{Internet: true, Deny: mustRules(t, "other.test")}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: false}, true},
-		{"allow a name's port", Policy{Allow: mustRules(t, "allowed.test:80")}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: false}, true},
-		{"allow a wildcard", Policy{Allow: mustRules(t, "*.test:80")}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: true, nettest.PrivateName: false}, true},
-		{"allow another port", Policy{Allow: mustRules(t, "allowed.test:8080")}, map[string]bool{nettest.AllowedName: true}, false},
+		{"allow a name's port", Policy{Allow: mustRules(t, "allowed.test:8080")}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: false}, true},
+		{"allow a wildcard", Policy{Allow: mustRules(t, "*.test:8080")}, map[string]bool{nettest.AllowedName: true, nettest.OtherName: true, nettest.PrivateName: false}, true},
+		{"allow another port", Policy{Allow: mustRules(t, "allowed.test:9090")}, map[string]bool{nettest.AllowedName: true}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if err := n.SetPolicy(s, tc.policy); err != nil {
