@@ -53,8 +53,10 @@ func (g *diskGuard) check(need int64, what string) error {
 		return err
 	}
 	if free-need < g.min {
-		return errdefs.InsufficientStorage("the server's disk is too full to %s: it needs about %d MiB, %d MiB are free and %d MiB are kept free",
-			what, mib(need), mib(free), mib(g.min))
+		// The public message says what was refused, not how full the
+		// host's disk is; the log has the figures.
+		return errdefs.Wrap(errdefs.ErrInsufficientStorage, fmt.Errorf("need %d MiB, %d MiB free, %d MiB kept free", mib(need), mib(free), mib(g.min)),
+			"the server's disk is too full to %s (it needs about %d MiB)", what, mib(need))
 	}
 	return nil
 }

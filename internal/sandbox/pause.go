@@ -132,11 +132,11 @@ func (m *Manager) pauseLocked(ctx context.Context, in *instance) error {
 	// A paused sandbox holds no network; a resume gets a fresh slot (the
 	// inside of every slot is the same).
 	in.mu.Lock()
-	hadNet := in.netSlot != nil
+	hadNet, netw := in.netSlot != nil, in.rec.Network
 	in.mu.Unlock()
 	if hadNet {
 		m.releaseNetwork(in)
-		if err := m.store.SetSandboxNetwork(context.WithoutCancel(ctx), in.id, in.rec.Network, 0); err != nil {
+		if err := m.store.SetSandboxNetwork(context.WithoutCancel(ctx), in.id, netw, 0); err != nil {
 			m.log.Error("recording a paused sandbox's network", "id", in.id, "err", err)
 		}
 	}
@@ -206,7 +206,7 @@ func (m *Manager) ensureRunningLocked(ctx context.Context, in *instance) error {
 			m.releaseNetwork(in)
 			prev()
 		}
-		if err := m.store.SetSandboxNetwork(ctx, in.id, rec.Network, slot.Index); err != nil {
+		if err := m.store.SetSandboxNetwork(context.WithoutCancel(ctx), in.id, rec.Network, slot.Index); err != nil {
 			backToPaused()
 			return err
 		}

@@ -455,12 +455,12 @@ func (m *Manager) shutdownOne(ctx context.Context, in *instance) error {
 		action = ShutdownKeep
 	}
 	if action == ShutdownPause {
+		// Paused, or, if the pause failed, left running: either way the
+		// next daemon finds it (it re-adopts a running one).
 		if err := m.pauseLocked(ctx, in); err != nil {
-			m.log.Error("pausing sandbox at shutdown; destroying it", "id", in.id, "err", err)
-			action = ShutdownKill
-		} else {
-			action = ShutdownKeep
+			m.log.Error("pausing sandbox at shutdown failed; leaving it running for the next start", "id", in.id, "err", err)
 		}
+		action = ShutdownKeep
 	}
 	if action == ShutdownKeep {
 		m.detach(in)
