@@ -18,16 +18,16 @@ from pandastack import ConflictError, Execution, NotFoundError, Sandbox
 SDK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATIENCE = 600
 
-# The README's code-interpreter example, run as a user would.
-README_EXAMPLE = """\
-from pandastack import Sandbox
-with Sandbox.create(template="code-interpreter") as sb:
-    sb.run_code("import pandas as pd; df = pd.DataFrame({'a': [1, 2, 3]})")
-    execution = sb.run_code("df.a.sum()")
-    print(execution.text)                                   # 6
-    chart = sb.run_code("import matplotlib.pyplot as plt; plt.plot(df.a)")
-    print([r.formats() for r in chart.results][-1])         # ['text', 'png']
-"""
+README = os.path.join(SDK_DIR, "..", "..", "README.md")
+
+
+def readme_example():
+    """The README's code-interpreter example, verbatim."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("Code interpreter:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "run_code" in block
+    return block
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,10 +53,12 @@ def sb(server_url):
 def test_readme_example():
     env = dict(os.environ)
     env["PYTHONPATH"] = SDK_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-c", README_EXAMPLE], env=env, cwd=SDK_DIR,
+    proc = subprocess.run([sys.executable, "-c", readme_example()], env=env, cwd=SDK_DIR,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=PATIENCE)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    assert proc.stdout.decode() == "6\n['text', 'png']\n"
+    out = proc.stdout.decode()
+    assert out.startswith("6\n['text', 'png']\n"), out
+    assert out.replace("\n", "") == "6['text', 'png']abZeroDivisionError", out
 
 
 def test_state_results_and_errors(sb):
