@@ -25,7 +25,7 @@ for target in "FuzzReadFrame ./internal/agent/" "FuzzServerRequest ./internal/ag
 done
 
 echo "==> Python SDK unit tests"
-(cd sdk/python && /usr/bin/python3 -m pytest -q tests/test_unit.py)
+(cd sdk/python && /usr/bin/python3 -m pytest -q tests/test_unit*.py)
 
 echo "==> Python SDK integration tests against a real server"
 tmp=$(mktemp -d)
@@ -47,7 +47,7 @@ done
 export PANDASTACK_URL="http://127.0.0.1:$port"
 PANDASTACK_API_KEY=$(cat "$tmp/data/api-key")
 export PANDASTACK_API_KEY PANDASTACK_REQUIRE_SERVER=1
-if ! (cd sdk/python && /usr/bin/python3 -m pytest -q tests/test_integration.py tests/test_integration_snapshots.py); then
+if ! (cd sdk/python && /usr/bin/python3 -m pytest -q tests/test_integration*.py); then
 	echo "--- server log" >&2
 	tail -50 "$tmp/server.log" >&2
 	exit 1
