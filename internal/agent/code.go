@@ -258,15 +258,16 @@ type codeContext struct {
 
 // bridge is one running bridge process and its kernel.
 type bridge struct {
-	pid       int
-	kernelPid int
-	inodes    []uint64
-	req       *os.File
-	wmu       sync.Mutex
-	log       *ringLog
+	pid    int
+	inodes []uint64
+	req    *os.File
+	wmu    sync.Mutex
+	log    *ringLog
 
-	mu   sync.Mutex
-	subs map[int64]*codeSub
+	mu sync.Mutex
+	// kernelPid is the kernel's pid (and process group), 0 until known.
+	kernelPid int
+	subs      map[int64]*codeSub
 	// current is the id of the cell the bridge last started, to which a
 	// dropped (over-long) event is charged.
 	current int64
@@ -930,7 +931,7 @@ func (s *Server) streamCell(cc *codeContext, b *bridge, sub *codeSub, w *codeWri
 				return
 			case bridgeDead:
 				why := ev.Message
-				if note := s.oomNote(b.kernelPid); note != "" {
+				if note := s.oomNote(b.kernel()); note != "" {
 					why += ": the sandbox reached its memory limit"
 				}
 				w.send(CodeEvent{Type: CodeEventError, Name: "DeadKernelError",
@@ -1167,7 +1168,7 @@ func (b *bridge) readEvents(r *os.File, exitc chan unix.WaitStatus) {
 		case bridgeReady:
 			if !ready {
 				ready = true
-				b.kernelPid = ev.KernelPID
+				b.setKernel(ev.KernelPID)
 				b.readyc <- nil
 			}
 		case bridgeFatal, bridgeDead:
@@ -1261,6 +1262,33 @@ func (b *bridge) deliver(ev bridgeEvent) {
 	}
 }
 
+// setKernel records the kernel's pid the bridge reported, if it is the
+// bridge's own child: the bridge's pipes can be reached by the context's
+// user (through /proc), and a forged pid must not make the agent signal
+// another process group (or, with 1 or 0, every process, or its own).
+func (b *bridge) setKernel(pid int) {
+	if pid <= 1 {
+		return
+	}
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return
+	}
+	p, ok := parseStat(st)
+	if !ok || p.ppid != b.pid || p.pgid != pid {
+		return
+	}
+	b.mu.Lock()
+	b.kernelPid = pid
+	b.mu.Unlock()
+}
+
+func (b *bridge) kernel() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.kernelPid
+}
+
 func (b *bridge) markDead(why string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -1332,8 +1360,8 @@ func (b *bridge) kill(s *Server) {
 	b.wmu.Lock()
 	b.req.Close()
 	b.wmu.Unlock()
-	if b.kernelPid > 0 {
-		_ = unix.Kill(-b.kernelPid, unix.SIGKILL)
+	if k := b.kernel(); k > 0 {
+		_ = unix.Kill(-k, unix.SIGKILL)
 	}
 	s.killExec(b.pid, b.inodes)
 }
