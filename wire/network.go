@@ -19,6 +19,9 @@ type Network struct {
 	Internet bool     `json:"internet,omitempty"`
 	Allow    []string `json:"allow,omitempty"`
 	Deny     []string `json:"deny,omitempty"`
+	// PublicPorts makes the sandbox's exposed ports reachable without the
+	// API key or the access token: a URL to share.
+	PublicPorts bool `json:"public_ports,omitempty"`
 }
 
 // Network forms as strings.
@@ -53,9 +56,14 @@ func (n *Network) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// SandboxNetwork is a sandbox's network as the API shows it.
+// SandboxNetwork is a sandbox's network as the API shows it: its Network
+// and the access token of its exposed ports. (Not an embedded Network:
+// Network's UnmarshalJSON would take over decoding.)
 type SandboxNetwork struct {
-	Network
+	Internet    bool     `json:"internet,omitempty"`
+	Allow       []string `json:"allow,omitempty"`
+	Deny        []string `json:"deny,omitempty"`
+	PublicPorts bool     `json:"public_ports,omitempty"`
 	// AccessToken opens the sandbox's exposed ports to whoever has it
 	// (header X-Access-Token or query access_token), besides the API key.
 	AccessToken string `json:"access_token,omitempty"`

@@ -406,3 +406,6 @@ func (f *fakeSandboxes) Pause(_ context.Context, tenant, id string) (wire.Sandbo
 func (f *fakeSandboxes) Resume(_ context.Context, tenant, id string) (wire.Sandbox, error) {
 	return f.sandbox(tenant, id)
 }
+func (f *fakeSandboxes) SetNetwork(_ context.Context, tenant, id string, _ wire.Network) (wire.Sandbox, error) {
+	return f.sandbox(tenant, id)
+}

@@ -44,6 +44,8 @@ type Sandboxes interface {
 	CodeSandboxes
 	// Files serves the Files API (files.go).
 	Files
+	// Networks changes sandboxes' networks (network.go).
+	Networks
 }
 
 // Templates lists the server's templates.
@@ -64,6 +66,9 @@ type Config struct {
 	Log       *slog.Logger
 	Version   string
 	Runtime   string
+	// Domain, when set, serves sandboxes' exposed ports at host names
+	// {port}-{id}.{domain} too.
+	Domain string
 	// MaxBodyBytes caps request bodies; 1 MiB when zero.
 	MaxBodyBytes int64
 	// MaxOutputBytes caps each of stdout and stderr of a blocking exec;
@@ -140,6 +145,7 @@ func New(cfg Config) *Server {
 	s.route("DELETE /v1/snapshots/{id}", true, s.deleteSnapshot)
 	s.codeRoutes()
 	s.fileRoutes()
+	s.networkRoutes()
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, "", errdefs.NotFound("no route for %s %s", r.Method, r.URL.Path))
 	})
@@ -170,6 +176,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			s.fail(w, r, "", fmt.Errorf("panic in handler: %v\n%s", v, debug.Stack()))
 		}
 	}()
+	if port, id, ok := s.portHost(r); ok {
+		s.servePort(w, r, id, port, r.URL.EscapedPath(), true)
+		return
+	}
 	s.mux.ServeHTTP(w, r)
 }
 

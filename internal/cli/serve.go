@@ -84,6 +84,9 @@ kept (--on-shutdown); paused sandboxes are always kept.`,
 	f.BoolVar(&cfg.Network.Enabled, "network", true, "let sandboxes that ask for a network have one (a network namespace each, nftables rules on the host, IPv4 forwarding on)")
 	f.StringVar(&cfg.Network.Namespace, "network-namespace", "", "network namespace (path) sandbox traffic leaves from (default: the server's own)")
 	f.IntVar(&cfg.Network.PoolSize, "network-pool", 2, "network slots kept prepared, so creates with a network do not wait for one")
+	f.StringVar(&cfg.Network.Domain, "domain", "", "serve sandboxes' ports at {port}-{id}.DOMAIN too (a wildcard DNS record must point at this server)")
+	f.StringVar(&cfg.Network.TLSCert, "tls-cert", "", "certificate (PEM) to serve HTTPS with (a wildcard one for --domain)")
+	f.StringVar(&cfg.Network.TLSKey, "tls-key", "", "key (PEM) of --tls-cert")
 	f.StringSliceVar(&cfg.Network.Resolvers, "dns", nil, "upstream DNS servers (ip:port) for sandboxes (default: the host's /etc/resolv.conf)")
 	f.BoolVar(&debug, "debug", false, "log every request")
 	return cmd

@@ -49,10 +49,10 @@ type Config struct {
 	BuildTemplates bool
 	// CgroupParent is the cgroup under which sandboxes get theirs;
 	// "/pandastack" when empty.
-	CgroupParent   string
-	Sandbox        sandbox.Config
+	CgroupParent string
+	Sandbox      sandbox.Config
 	// Network configures sandbox networking.
-	Network NetworkConfig
+	Network        NetworkConfig
 	MaxOutputBytes int
 	// MaxConcurrentExecs and MaxBufferedOutputBytes bound the commands
 	// running at once on the server and the output blocking execs hold in
@@ -82,6 +82,12 @@ type NetworkConfig struct {
 	// Resolvers are the upstream DNS servers ("ip:port"); the host's
 	// /etc/resolv.conf when empty.
 	Resolvers []string
+	// Domain, when set, serves sandboxes' exposed ports at host names
+	// {port}-{id}.{domain} (point a wildcard DNS record at the server).
+	Domain string
+	// TLSCert and TLSKey, when set, make the server speak HTTPS (for the
+	// API and the ports' host names; use a wildcard certificate).
+	TLSCert, TLSKey string
 }
 
 // FindBinary returns the first of: the explicit path, name in the install
@@ -212,7 +218,7 @@ func Run(ctx context.Context, cfg Config) error {
 	srv := &http.Server{
 		Handler: api.New(api.Config{
 			Sandboxes: mgr, Templates: templateList{tpls}, Keys: st, Log: log,
-			Version: cfg.Version, Runtime: rt.Name(), MaxOutputBytes: cfg.MaxOutputBytes,
+			Version: cfg.Version, Runtime: rt.Name(), MaxOutputBytes: cfg.MaxOutputBytes, Domain: cfg.Network.Domain,
 			MaxConcurrentExecs: cfg.MaxConcurrentExecs, MaxBufferedOutputBytes: cfg.MaxBufferedOutputBytes,
 		}),
 		// No ReadTimeout or WriteTimeout: an exec stream may rightly last
@@ -235,7 +241,13 @@ func Run(ctx context.Context, cfg Config) error {
 		cfg.Ready(ln.Addr().String())
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() {
+		if cfg.Network.TLSCert != "" {
+			errc <- srv.ServeTLS(ln, cfg.Network.TLSCert, cfg.Network.TLSKey)
+			return
+		}
+		errc <- srv.Serve(ln)
+	}()
 	select {
 	case err = <-errc:
 	case <-ctx.Done():

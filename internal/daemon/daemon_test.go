@@ -311,8 +311,23 @@ func TestTenantsAreIsolated(t *testing.T) {
 		"POST /v1/sandboxes/{id}/fork":     wire.ForkRequest{Count: 1},
 		"POST /v1/sandboxes/{id}/pause":    nil,
 		"POST /v1/sandboxes/{id}/resume":   nil,
-		"GET /v1/snapshots/{id}":           nil,
-		"DELETE /v1/snapshots/{id}":        nil,
+		"PUT /v1/sandboxes/{id}/network":   wire.Network{Internet: true},
+		// Exposed ports: every method passes through.
+		"GET /v1/sandboxes/{id}/ports/{port}/{path...}":     nil,
+		"HEAD /v1/sandboxes/{id}/ports/{port}/{path...}":    nil,
+		"POST /v1/sandboxes/{id}/ports/{port}/{path...}":    "x",
+		"PUT /v1/sandboxes/{id}/ports/{port}/{path...}":     "x",
+		"PATCH /v1/sandboxes/{id}/ports/{port}/{path...}":   "x",
+		"DELETE /v1/sandboxes/{id}/ports/{port}/{path...}":  nil,
+		"OPTIONS /v1/sandboxes/{id}/ports/{port}/{path...}": nil,
+		"GET /v1/snapshots/{id}":                            nil,
+		"DELETE /v1/snapshots/{id}":                         nil,
+		// Code contexts.
+		"POST /v1/sandboxes/{id}/code":                            wire.RunCodeRequest{Code: "open('/home/user/f', 'w').write('theirs')"},
+		"POST /v1/sandboxes/{id}/code/contexts":                   wire.CreateCodeContextRequest{},
+		"GET /v1/sandboxes/{id}/code/contexts":                    nil,
+		"POST /v1/sandboxes/{id}/code/contexts/{context}/restart": nil,
+		"DELETE /v1/sandboxes/{id}/code/contexts/{context}":       nil,
 	}
 	fileBodies, fileQueries := fileIsolationRequests(t)
 	maps.Copy(bodies, fileBodies)
@@ -321,7 +336,7 @@ func TestTenantsAreIsolated(t *testing.T) {
 		t.Helper()
 		resp, b := other.Do(t, method, path, body, hdr...)
 		var e wire.ErrorResponse
-		if resp.StatusCode != http.StatusNotFound || json.Unmarshal(b, &e) != nil || e.Error.Code != "not_found" {
+		if resp.StatusCode != http.StatusNotFound || (method != "HEAD" && (json.Unmarshal(b, &e) != nil || e.Error.Code != "not_found")) {
 			t.Errorf("other tenant %s %s %v: %d %s, want 404 not_found", method, path, hdr, resp.StatusCode, b)
 		}
 	}
@@ -348,8 +363,10 @@ func TestTenantsAreIsolated(t *testing.T) {
 		}
 		for _, id := range ids {
 			path := strings.Replace(pattern, "{id}", id, 1) + fileQueries[route]
+			path = strings.Replace(path, "{context}", wire.LanguagePython, 1)
+			path = strings.Replace(path, "{port}/{path...}", "8000/index.html", 1)
 			attempt(method, path, body)
-			if route == "POST /v1/sandboxes/{id}/exec" {
+			if route == "POST /v1/sandboxes/{id}/exec" || route == "POST /v1/sandboxes/{id}/code" {
 				for _, accept := range []string{"application/x-ndjson", "text/event-stream"} {
 					attempt(method, path, body, "Accept", accept)
 				}

@@ -171,12 +171,17 @@ func TestOpenAPIRoutes(t *testing.T) {
 	for p, ops := range doc.Paths {
 		for m := range ops {
 			switch m {
-			case "get", "post", "put", "delete", "patch":
+			case "get", "head", "post", "put", "delete", "patch", "options":
 				inSpec = append(inSpec, strings.ToUpper(m)+" "+p)
 			}
 		}
 	}
-	inServer := api.New(api.Config{}).Routes()
+	var inServer []string
+	for _, r := range api.New(api.Config{}).Routes() {
+		// A wildcard for the rest of the path is an ordinary parameter in
+		// OpenAPI.
+		inServer = append(inServer, strings.ReplaceAll(r, "...}", "}"))
+	}
 	sort.Strings(inSpec)
 	sort.Strings(inServer)
 	if strings.Join(inSpec, "\n") != strings.Join(inServer, "\n") {

@@ -24,10 +24,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -358,4 +361,18 @@ func (n *Network) PolicyOf(src netip.Addr) (Policy, *Slot, bool) {
 		return Policy{}, nil, false
 	}
 	return n.policies[s.Index], s, true
+}
+
+// DialSandbox connects to a port of the slot's sandbox, from the daemon's
+// namespace (the router passes the daemon's connections to its uplink
+// address on to the sandbox).
+func (n *Network) DialSandbox(ctx context.Context, s *Slot, port int) (net.Conn, error) {
+	var c net.Conn
+	err := inNS(n.daemon, func() error {
+		d := net.Dialer{Timeout: 15 * time.Second}
+		var err error
+		c, err = d.DialContext(ctx, "tcp", net.JoinHostPort(s.Uplink4.String(), strconv.Itoa(port)))
+		return err
+	})
+	return c, err
 }

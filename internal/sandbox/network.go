@@ -2,8 +2,10 @@ package sandbox
 
 import (
 	"context"
+	"crypto/subtle"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 
@@ -20,6 +22,7 @@ type Networks interface {
 	Release(s *network.Slot) error
 	SetPolicy(s *network.Slot, p network.Policy) error
 	RemoveUnused()
+	DialSandbox(ctx context.Context, s *network.Slot, port int) (net.Conn, error)
 }
 
 // maxNetworkRules bounds the rules of one sandbox's network.
@@ -185,7 +188,61 @@ func networkToWire(r storeNetwork) *wire.SandboxNetwork {
 	if n == nil {
 		return nil
 	}
-	return &wire.SandboxNetwork{Network: *n, AccessToken: r.token}
+	return &wire.SandboxNetwork{Internet: n.Internet, Allow: n.Allow, Deny: n.Deny, PublicPorts: n.PublicPorts, AccessToken: r.token}
 }
 
 type storeNetwork struct{ network, token string }
+
+// PortDialer reaches a port of a sandbox, for the daemon's reverse proxy
+// to its exposed ports. Who may: the sandbox's tenant (tenant non-empty,
+// from the API key), anyone with its access token, or anyone when its
+// ports are public. A paused sandbox is resumed. Ports need a network: a
+// sandbox without one answers a conflict.
+func (m *Manager) PortDialer(ctx context.Context, tenant, id, token string, port int) (func(context.Context) (net.Conn, error), error) {
+	if port < 1 || port > 65535 {
+		return nil, errdefs.Invalid("port must be between 1 and 65535, got %d", port)
+	}
+	m.mu.Lock()
+	in, ok := m.live[id]
+	m.mu.Unlock()
+	if !ok {
+		return nil, errdefs.NotFound("sandbox %q not found", id)
+	}
+	in.mu.Lock()
+	rec := in.rec
+	in.mu.Unlock()
+	n, _ := decodeNetwork(rec.Network)
+	switch {
+	case tenant != "" && tenant == in.tenant:
+	case token != "" && rec.AccessToken != "" && subtle.ConstantTimeCompare([]byte(token), []byte(rec.AccessToken)) == 1:
+	case n != nil && n.PublicPorts:
+	case tenant != "":
+		// Another tenant's key: its sandboxes do not exist for this one.
+		return nil, errdefs.NotFound("sandbox %q not found", id)
+	default:
+		return nil, errdefs.New(errdefs.ErrUnauthorized, "the sandbox's ports need its access token or an API key")
+	}
+	if n == nil || m.net == nil {
+		return nil, errdefs.Conflict("sandbox %q has no network, so no ports; create it with one (network: \"none\" is enough)", id)
+	}
+	in.mu.Lock()
+	running := in.phase == phaseRunning
+	in.mu.Unlock()
+	if !running {
+		if err := in.op.lock(ctx); err != nil {
+			return nil, err
+		}
+		err := m.ensureRunningLocked(ctx, in)
+		in.op.unlock()
+		if err != nil {
+			return nil, err
+		}
+	}
+	in.mu.Lock()
+	slot := in.netSlot
+	in.mu.Unlock()
+	if slot == nil {
+		return nil, errdefs.Conflict("sandbox %q is not running; try again", id)
+	}
+	return func(ctx context.Context) (net.Conn, error) { return m.net.DialSandbox(ctx, slot, port) }, nil
+}
