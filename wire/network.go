@@ -71,4 +71,3 @@ type SandboxNetwork struct {
 
 // SetNetworkRequest is the body of PUT /v1/sandboxes/{id}/network.
 type SetNetworkRequest = Network
-
