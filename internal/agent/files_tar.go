@@ -358,7 +358,7 @@ func (x *extractor) entry(hdr *tar.Header, r io.Reader) error {
 		if err != nil {
 			return x.fail(err, name)
 		}
-		n, err := io.Copy(f, r)
+		n, err := copyToFile(f, r)
 		x.result.Bytes += n
 		if err == nil {
 			// Setuid and setgid bits are dropped.

@@ -53,7 +53,8 @@ const (
 	// OpProcessWait answers a FrameReply ProcessInfo once the process has
 	// exited (ProcessRef).
 	OpProcessWait = "process.wait"
-	// OpProcessAttach (ProcessAttach) sends what the process wrote since
+	// OpProcessAttach (ProcessAttach) answers a FrameStarted with the
+	// ProcessInfo at once, then sends what the process wrote since
 	// it started, as far as its rings reach (a FrameDropped says how much
 	// older output is gone), then its output as it comes, as FrameStdout
 	// and FrameStderr, then a FrameExit carrying its ProcessInfo. Without
@@ -725,6 +726,11 @@ func attach(ctx context.Context, st *yamux.Stream, p *process, follow bool) {
 		<-inputDone
 	}()
 
+	// The caller learns at once that it is attached, whether or not
+	// output follows soon.
+	if WriteJSON(st, FrameStarted, p.info()) != nil {
+		return
+	}
 	var c cursor
 	for {
 		ev, ok, changed, exited := p.next(&c)

@@ -12,17 +12,45 @@ import (
 
 // The daemon's side of the background process operations (process.go).
 
+// ErrUnsupported reports an agent that does not know an operation: a
+// sandbox started (or restored) with an agent older than the operation.
+var ErrUnsupported = errors.New("the sandbox's agent does not support this operation")
+
+// callProcess is Call for the process operations: an agent that predates
+// them answers an Exit naming the unknown op, which becomes ErrUnsupported.
+func (c *Client) callProcess(ctx context.Context, op string, args, reply any) error {
+	st, err := c.Open(ctx, op, args)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	typ, payload, err := st.ReadFrame()
+	if err != nil {
+		return ctxErr(ctx, fmt.Errorf("%s: %w", op, err))
+	}
+	switch typ {
+	case FrameReply:
+		if err := json.Unmarshal(payload, reply); err != nil {
+			return fmt.Errorf("%s: decoding reply: %w", op, err)
+		}
+		return nil
+	case FrameExit:
+		return fmt.Errorf("%s: %w", op, ErrUnsupported)
+	}
+	return fmt.Errorf("%s: unexpected frame %q", op, typ)
+}
+
 // StartProcess starts a background process and returns it once it runs.
 func (c *Client) StartProcess(ctx context.Context, req ProcessStart) (ProcessInfo, error) {
 	var info ProcessInfo
-	err := c.Call(ctx, OpProcessStart, req, &info)
+	err := c.callProcess(ctx, OpProcessStart, req, &info)
 	return info, err
 }
 
 // ListProcesses returns the background processes, oldest first.
 func (c *Client) ListProcesses(ctx context.Context) ([]ProcessInfo, error) {
 	var l ProcessList
-	if err := c.Call(ctx, OpProcessList, struct{}{}, &l); err != nil {
+	if err := c.callProcess(ctx, OpProcessList, struct{}{}, &l); err != nil {
 		return nil, err
 	}
 	return l.Processes, nil
@@ -31,30 +59,30 @@ func (c *Client) ListProcesses(ctx context.Context) ([]ProcessInfo, error) {
 // GetProcess describes background process pid.
 func (c *Client) GetProcess(ctx context.Context, pid int) (ProcessInfo, error) {
 	var info ProcessInfo
-	err := c.Call(ctx, OpProcessGet, ProcessRef{PID: pid}, &info)
+	err := c.callProcess(ctx, OpProcessGet, ProcessRef{PID: pid}, &info)
 	return info, err
 }
 
 // WriteProcessStdin queues data for the process's input and closes the
 // input after it if eof. It waits while the process's input queue is full.
 func (c *Client) WriteProcessStdin(ctx context.Context, pid int, data []byte, eof bool) error {
-	return c.Call(ctx, OpProcessStdin, ProcessStdin{PID: pid, Data: data, EOF: eof}, &struct{}{})
+	return c.callProcess(ctx, OpProcessStdin, ProcessStdin{PID: pid, Data: data, EOF: eof}, &struct{}{})
 }
 
 // SignalProcess sends sig to the process's group.
 func (c *Client) SignalProcess(ctx context.Context, pid, sig int) error {
-	return c.Call(ctx, OpProcessSignal, ProcessSignal{PID: pid, Signal: sig}, &struct{}{})
+	return c.callProcess(ctx, OpProcessSignal, ProcessSignal{PID: pid, Signal: sig}, &struct{}{})
 }
 
 // ResizeProcess sets the window size of the process's terminal.
 func (c *Client) ResizeProcess(ctx context.Context, pid int, size TermSize) error {
-	return c.Call(ctx, OpProcessResize, ProcessResize{PID: pid, TermSize: size}, &struct{}{})
+	return c.callProcess(ctx, OpProcessResize, ProcessResize{PID: pid, TermSize: size}, &struct{}{})
 }
 
 // WaitProcess blocks until the process has exited and returns it.
 func (c *Client) WaitProcess(ctx context.Context, pid int) (ProcessInfo, error) {
 	var info ProcessInfo
-	err := c.Call(ctx, OpProcessWait, ProcessRef{PID: pid}, &info)
+	err := c.callProcess(ctx, OpProcessWait, ProcessRef{PID: pid}, &info)
 	if err != nil && c.sess.IsClosed() && !isOpError(err) {
 		err = fmt.Errorf("%w: %w", ErrSessionClosed, err)
 	}
@@ -79,6 +107,9 @@ type ProcessInput struct {
 // AttachIO connects an attached process to its caller. Any field may be
 // nil.
 type AttachIO struct {
+	// Attached is called once the agent has found the process and the
+	// attach runs, before any output.
+	Attached func(ProcessInfo)
 	// Output receives output as it arrives; stream is FrameStdout or
 	// FrameStderr. An error detaches.
 	Output func(stream byte, data []byte) error
@@ -155,6 +186,14 @@ func (c *Client) AttachProcess(ctx context.Context, args ProcessAttach, aio Atta
 			return ProcessInfo{}, false, ctxErr(ctx, fmt.Errorf("reading process output: %w", err))
 		}
 		switch typ {
+		case FrameStarted:
+			var info ProcessInfo
+			if err := json.Unmarshal(payload, &info); err != nil {
+				return ProcessInfo{}, false, fmt.Errorf("decoding process: %w", err)
+			}
+			if aio.Attached != nil {
+				aio.Attached(info)
+			}
 		case FrameStdout, FrameStderr:
 			if aio.Output != nil {
 				if err := aio.Output(typ, payload); err != nil {
@@ -175,6 +214,10 @@ func (c *Client) AttachProcess(ctx context.Context, args ProcessAttach, aio Atta
 			var info ProcessInfo
 			if err := json.Unmarshal(payload, &info); err != nil {
 				return ProcessInfo{}, false, fmt.Errorf("decoding process: %w", err)
+			}
+			if info.PID == 0 {
+				// An older agent's Exit for an unknown op.
+				return ProcessInfo{}, false, fmt.Errorf("%s: %w", OpProcessAttach, ErrUnsupported)
 			}
 			return info, typ == FrameExit, nil
 		default:

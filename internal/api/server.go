@@ -40,6 +40,8 @@ type Sandboxes interface {
 	Fork(ctx context.Context, tenant, id string, req wire.ForkRequest) ([]wire.Sandbox, error)
 	Pause(ctx context.Context, tenant, id string) (wire.Sandbox, error)
 	Resume(ctx context.Context, tenant, id string) (wire.Sandbox, error)
+	// Background processes and terminals (process.go).
+	Processes
 	// Code contexts and cells in them (code.go).
 	CodeSandboxes
 	// Files serves the Files API (files.go).
@@ -143,6 +145,7 @@ func New(cfg Config) *Server {
 	s.route("GET /v1/snapshots", true, s.listSnapshots)
 	s.route("GET /v1/snapshots/{id}", true, s.getSnapshot)
 	s.route("DELETE /v1/snapshots/{id}", true, s.deleteSnapshot)
+	s.processRoutes()
 	s.codeRoutes()
 	s.fileRoutes()
 	s.networkRoutes()

@@ -58,8 +58,11 @@ type benchOpts struct {
 	// codeN is how many creates the code-interpreter figures time (0:
 	// none).
 	codeN int
-	tmpl, runscPath            string
-	self, asJSON, skipLarge    bool
+	// filesMB is the size of the file the upload and download figures
+	// move (0: skip them).
+	filesMB                 int
+	tmpl, runscPath         string
+	self, asJSON, skipLarge bool
 }
 
 func newBenchCmd() *cobra.Command {
@@ -111,6 +114,7 @@ pool. With --self=false it measures the server at --url as it is configured.`,
 	f.IntVar(&o.density, "density", 200, "idle sandboxes to hold at once for the memory-per-sandbox figure (0: skip)")
 	f.IntVar(&o.rateN, "rate", 120, "creates by 4 concurrent clients for the sustained-rate figure (0: skip)")
 	f.IntVar(&o.codeN, "code-n", 10, "creates timed for each code-interpreter figure (0: skip them)")
+	f.IntVar(&o.filesMB, "files-mb", 256, "MB of the file for the upload and download throughput figures (0: skip them)")
 	f.BoolVar(&o.asJSON, "json", false, "print JSON")
 	return cmd
 }
@@ -235,6 +239,13 @@ func benchServer(ctx context.Context, c *pandastack.Client, o benchOpts, label s
 		return nil, err
 	}
 	figs = append(figs, figure("exec round trip (true)", "HTTP API, blocking exec, one sandbox", rt))
+	if o.filesMB > 0 {
+		ff, err := benchFiles(ctx, c, o.tmpl, o.filesMB)
+		if err != nil {
+			return nil, err
+		}
+		figs = append(figs, ff...)
+	}
 	snap, size, resume, err := benchSnapshotResume(ctx, c, o.tmpl, o.forks)
 	if err != nil {
 		return nil, err

@@ -37,6 +37,9 @@ func newSandboxCmd() *cobra.Command {
 		newSandboxForkCmd(),
 		newSandboxPauseCmd(),
 		newSandboxResumeCmd(),
+		newSandboxPsCmd(),
+		newSandboxShellCmd(),
+		newSandboxCpCmd(),
 		newSandboxRunCodeCmd(),
 	)
 	return cmd

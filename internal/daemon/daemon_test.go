@@ -279,6 +279,11 @@ func TestTenantsAreIsolated(t *testing.T) {
 	s.Exec(t, running.ID, wire.ExecRequest{Cmd: "echo mine > $HOME/f"})
 	paused := s.Create(t, wire.CreateSandboxRequest{TTLSeconds: 600})
 	s.Exec(t, paused.ID, wire.ExecRequest{Cmd: "echo mine > $HOME/f"})
+	// A background process in each, for the routes with a {pid}.
+	pids := map[string]int{}
+	for _, id := range []string{running.ID, paused.ID} {
+		pids[id] = post[wire.Process](t, s, "/v1/sandboxes/"+id+"/processes", wire.StartProcessRequest{Cmd: "sleep 1000", Stdin: true, PTY: &wire.PTYSize{Cols: 80, Rows: 24}}, http.StatusCreated).PID
+	}
 	post[wire.Sandbox](t, s, "/v1/sandboxes/"+paused.ID+"/pause", nil, http.StatusOK)
 	snap := post[wire.Snapshot](t, s, "/v1/sandboxes/"+running.ID+"/snapshot", nil, http.StatusCreated)
 	get := func(path string, v any) {
@@ -322,6 +327,17 @@ func TestTenantsAreIsolated(t *testing.T) {
 		"OPTIONS /v1/sandboxes/{id}/ports/{port}/{path...}": nil,
 		"GET /v1/snapshots/{id}":                            nil,
 		"DELETE /v1/snapshots/{id}":                         nil,
+		// Background processes and terminals.
+		"POST /v1/sandboxes/{id}/processes":               wire.StartProcessRequest{Cmd: "echo theirs > $HOME/f"},
+		"GET /v1/sandboxes/{id}/processes":                nil,
+		"GET /v1/sandboxes/{id}/processes/{pid}":          nil,
+		"GET /v1/sandboxes/{id}/processes/{pid}/output":   nil,
+		"POST /v1/sandboxes/{id}/processes/{pid}/stdin":   wire.ProcessStdinRequest{Data: "x", EOF: true},
+		"POST /v1/sandboxes/{id}/processes/{pid}/signal":  wire.SignalRequest{Signal: "KILL"},
+		"POST /v1/sandboxes/{id}/processes/{pid}/resize":  wire.PTYSize{Cols: 10, Rows: 10},
+		"POST /v1/sandboxes/{id}/processes/{pid}/wait":    nil,
+		"GET /v1/sandboxes/{id}/processes/{pid}/terminal": nil,
+		"GET /v1/sandboxes/{id}/terminal":                 nil,
 		// Code contexts.
 		"POST /v1/sandboxes/{id}/code":                            wire.RunCodeRequest{Code: "open('/home/user/f', 'w').write('theirs')"},
 		"POST /v1/sandboxes/{id}/code/contexts":                   wire.CreateCodeContextRequest{},
@@ -329,6 +345,8 @@ func TestTenantsAreIsolated(t *testing.T) {
 		"POST /v1/sandboxes/{id}/code/contexts/{context}/restart": nil,
 		"DELETE /v1/sandboxes/{id}/code/contexts/{context}":       nil,
 	}
+	// The terminal routes are WebSockets: they answer only upgrade requests.
+	upgrade := []string{"Connection", "Upgrade", "Upgrade", "websocket", "Sec-WebSocket-Version", "13", "Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="}
 	fileBodies, fileQueries := fileIsolationRequests(t)
 	maps.Copy(bodies, fileBodies)
 	other := s.WithTenant(t, "tenant-b")
@@ -363,8 +381,14 @@ func TestTenantsAreIsolated(t *testing.T) {
 		}
 		for _, id := range ids {
 			path := strings.Replace(pattern, "{id}", id, 1) + fileQueries[route]
+			path = strings.Replace(path, "{pid}", strconv.Itoa(pids[id]), 1)
 			path = strings.Replace(path, "{context}", wire.LanguagePython, 1)
 			path = strings.Replace(path, "{port}/{path...}", "8000/index.html", 1)
+			if strings.HasSuffix(pattern, "/terminal") {
+				attempt(method, path, body, upgrade...)
+				attempt(method, path+"?access_token="+other.Key, body, upgrade...)
+				continue
+			}
 			attempt(method, path, body)
 			if route == "POST /v1/sandboxes/{id}/exec" || route == "POST /v1/sandboxes/{id}/code" {
 				for _, accept := range []string{"application/x-ndjson", "text/event-stream"} {
@@ -418,6 +442,9 @@ func TestTenantsAreIsolated(t *testing.T) {
 	get("/v1/snapshots", &snapshots)
 	if len(snapshots.Snapshots) != 1 || snapshots.Snapshots[0].ID != snap.ID {
 		t.Errorf("owner's snapshots: got %+v, want only %s", snapshots.Snapshots, snap.ID)
+	}
+	if p := getJSON[wire.Process](t, s, fmt.Sprintf("/v1/sandboxes/%s/processes/%d", running.ID, pids[running.ID])); p.State != wire.ProcessRunning || !p.Stdin {
+		t.Errorf("owner's process after the other tenant's attempts: %+v, want it running with its stdin open", p)
 	}
 	for _, id := range []string{running.ID, paused.ID} {
 		if res := s.Exec(t, id, wire.ExecRequest{Cmd: "cat $HOME/f"}); res.Stdout != "mine\n" || res.ExitCode != 0 {

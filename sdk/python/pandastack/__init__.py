@@ -17,6 +17,7 @@ from .errors import (AuthenticationError, ConflictError, InsufficientStorageErro
                      InvalidArgumentError, NotFoundError, PandaStackConnectionError, PandaStackError,
                      QuotaExceededError, ServerError, ServerTimeoutError, TooLargeError, UnavailableError)
 from .code import CodeContext, Execution, ExecutionError, Logs, Result
+from .files import FileEvent, FileInfo, Files, UploadResult, Watch
 from .models import ExecResult, SandboxInfo
 from .sandbox import Sandbox
 from .snapshot import Snapshot
@@ -26,6 +27,11 @@ __all__ = [
     "SandboxInfo",
     "Snapshot",
     "ExecResult",
+    "Files",
+    "FileInfo",
+    "FileEvent",
+    "UploadResult",
+    "Watch",
     "Execution",
     "ExecutionError",
     "Result",

@@ -10,6 +10,7 @@ from ._http import DEFAULT_REQUEST_TIMEOUT, HTTPClient, path_escape, str_map
 from .errors import (NotFoundError, PandaStackConnectionError, PandaStackError, ServerError,
                      error_from_code)
 from .code import CodeMixin
+from .files import Files
 from .models import ExecResult, SandboxInfo
 from .snapshot import Snapshot
 
@@ -130,6 +131,11 @@ class Sandbox(CodeMixin):
     def url(self) -> str:
         """The server this handle talks to."""
         return self._client.base_url
+
+    @property
+    def files(self) -> Files:
+        """The sandbox's files: ``sb.files.write(path, data)``, ``read``, ``list``, ... (see :class:`Files`)."""
+        return Files(self._client, self._path())
 
     def refresh(self) -> SandboxInfo:
         """Fetch the sandbox's current description, store it in :attr:`info` and return it."""
