@@ -200,6 +200,12 @@ type Health struct {
 	Status  string `json:"status"`
 	Version string `json:"version"`
 	Runtime string `json:"runtime"`
+	// Network says whether sandboxes may have a network (serve --network).
+	Network bool `json:"network"`
+	// Domain, when the server has one (serve --domain), serves sandboxes'
+	// exposed ports at {port}-{id}.{domain} too, on the API's own port
+	// and scheme.
+	Domain string `json:"domain,omitempty"`
 }
 
 // Error is the body of every error response.

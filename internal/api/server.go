@@ -71,6 +71,8 @@ type Config struct {
 	// Domain, when set, serves sandboxes' exposed ports at host names
 	// {port}-{id}.{domain} too.
 	Domain string
+	// Network says (in GET /v1/health) that sandboxes may have a network.
+	Network bool
 	// MaxBodyBytes caps request bodies; 1 MiB when zero.
 	MaxBodyBytes int64
 	// MaxOutputBytes caps each of stdout and stderr of a blocking exec;
@@ -337,7 +339,7 @@ func jsonKind(c byte) string {
 }
 
 func (s *Server) health(w http.ResponseWriter, r *http.Request, _ string) error {
-	writeJSON(w, http.StatusOK, wire.Health{Status: "ok", Version: s.cfg.Version, Runtime: s.cfg.Runtime})
+	writeJSON(w, http.StatusOK, wire.Health{Status: "ok", Version: s.cfg.Version, Runtime: s.cfg.Runtime, Network: s.cfg.Network, Domain: s.cfg.Domain})
 	return nil
 }
 

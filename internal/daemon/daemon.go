@@ -218,7 +218,7 @@ func Run(ctx context.Context, cfg Config) error {
 	srv := &http.Server{
 		Handler: api.New(api.Config{
 			Sandboxes: mgr, Templates: templateList{tpls}, Keys: st, Log: log,
-			Version: cfg.Version, Runtime: rt.Name(), MaxOutputBytes: cfg.MaxOutputBytes, Domain: cfg.Network.Domain,
+			Version: cfg.Version, Runtime: rt.Name(), MaxOutputBytes: cfg.MaxOutputBytes, Domain: cfg.Network.Domain, Network: nets != nil,
 			MaxConcurrentExecs: cfg.MaxConcurrentExecs, MaxBufferedOutputBytes: cfg.MaxBufferedOutputBytes,
 		}),
 		// No ReadTimeout or WriteTimeout: an exec stream may rightly last
