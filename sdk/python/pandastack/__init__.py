@@ -19,6 +19,7 @@ from .errors import (AuthenticationError, ConflictError, InsufficientStorageErro
 from .code import CodeContext, Execution, ExecutionError, Logs, Result
 from .files import FileEvent, FileInfo, Files, UploadResult, Watch
 from .models import ExecResult, SandboxInfo
+from .processes import OutputStream, Process, ProcessEvent, Processes, ProcessInfo, WaitTimeoutError
 from .sandbox import Sandbox
 from .snapshot import Snapshot
 
@@ -32,6 +33,12 @@ __all__ = [
     "FileEvent",
     "UploadResult",
     "Watch",
+    "Processes",
+    "Process",
+    "ProcessInfo",
+    "ProcessEvent",
+    "OutputStream",
+    "WaitTimeoutError",
     "Execution",
     "ExecutionError",
     "Result",

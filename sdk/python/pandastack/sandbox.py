@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Union, overload
 
 from ._http import DEFAULT_REQUEST_TIMEOUT, HTTPClient, path_escape, str_map
 from .errors import (NotFoundError, PandaStackConnectionError, PandaStackError, ServerError,
@@ -12,10 +12,18 @@ from .errors import (NotFoundError, PandaStackConnectionError, PandaStackError, 
 from .code import CodeMixin
 from .files import Files
 from .models import ExecResult, SandboxInfo
+from .processes import Process, Processes
 from .snapshot import Snapshot
 
 DEFAULT_TEMPLATE = "base"
-DEFAULT_EXEC_TIMEOUT = 60.0
+
+
+class _DefaultTimeout(float):
+    """The default of exec's ``timeout_seconds``, told apart by identity: a
+    background process has no timeout unless one is passed."""
+
+
+DEFAULT_EXEC_TIMEOUT = _DefaultTimeout(60.0)
 # Extra seconds the HTTP read timeout of an exec allows beyond the command's
 # own timeout: the server needs time to start, kill and report.
 EXEC_TIMEOUT_MARGIN = 30.0
@@ -137,6 +145,11 @@ class Sandbox(CodeMixin):
         """The sandbox's files: ``sb.files.write(path, data)``, ``read``, ``list``, ... (see :class:`Files`)."""
         return Files(self._client, self._path())
 
+    @property
+    def processes(self) -> Processes:
+        """The sandbox's background processes: ``list()``, ``connect(pid)``, ``start(...)`` (see :class:`Processes`)."""
+        return Processes(self._client, self._path())
+
     def refresh(self) -> SandboxInfo:
         """Fetch the sandbox's current description, store it in :attr:`info` and return it."""
         doc = self._client.call("GET", self._path())
@@ -202,12 +215,30 @@ class Sandbox(CodeMixin):
 
     # ----- exec -------------------------------------------------------------
 
+    @overload
+    def exec(self, cmd: Union[str, Sequence[str]], timeout_seconds: Optional[float] = ...,
+             env: Optional[Mapping[str, str]] = ..., cwd: Optional[str] = ...,
+             stdin: Optional[Union[str, bytes]] = ...,
+             on_stdout: Optional[OutputCallback] = ...,
+             on_stderr: Optional[OutputCallback] = ...,
+             user: Optional[str] = ..., *, background: Literal[False] = ...,
+             tag: None = ...) -> ExecResult: ...
+
+    @overload
+    def exec(self, cmd: Union[str, Sequence[str]], timeout_seconds: Optional[float] = ...,
+             env: Optional[Mapping[str, str]] = ..., cwd: Optional[str] = ...,
+             stdin: Optional[Union[str, bytes, bool]] = ...,
+             on_stdout: None = ..., on_stderr: None = ...,
+             user: Optional[str] = ..., *, background: Literal[True],
+             tag: Optional[str] = ...) -> Process: ...
+
     def exec(self, cmd: Union[str, Sequence[str]], timeout_seconds: Optional[float] = DEFAULT_EXEC_TIMEOUT,
              env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
-             stdin: Optional[Union[str, bytes]] = None,
+             stdin: Optional[Union[str, bytes, bool]] = None,
              on_stdout: Optional[OutputCallback] = None,
              on_stderr: Optional[OutputCallback] = None,
-             user: Optional[str] = None) -> ExecResult:
+             user: Optional[str] = None, *, background: bool = False,
+             tag: Optional[str] = None) -> Union[ExecResult, Process]:
         """Run a command in the sandbox and wait for it to exit.
 
         ``cmd`` is a string run by ``/bin/sh -c`` or a list of arguments run
@@ -217,7 +248,23 @@ class Sandbox(CodeMixin):
         of text as it is produced, and the returned result still holds all of
         it. Commands run as the unprivileged ``user`` (home and default
         working directory ``/home/user``) unless ``user="root"``.
+
+        With ``background=True`` it returns at once a :class:`Process`
+        handle (``pid``, ``tag``, ``wait()``, ``kill()``, ``signal()``,
+        ``send_stdin()``, ``close_stdin()``, ``output()``): the command runs
+        until it exits, whoever is attached (see :meth:`Processes.start`). It
+        then has no timeout unless ``timeout_seconds`` is passed; ``stdin=True``
+        keeps its input open for ``send_stdin``.
         """
+        if background:
+            if on_stdout is not None or on_stderr is not None:
+                raise TypeError("on_stdout and on_stderr are for exec without background: "
+                                "iterate the process's output() instead")
+            return self.processes.start(
+                cmd, env=env, cwd=cwd, user=user, tag=tag, stdin=stdin if stdin is not None else False,
+                timeout_seconds=None if timeout_seconds is DEFAULT_EXEC_TIMEOUT else timeout_seconds)
+        if tag is not None:
+            raise TypeError("tag is for background processes (background=True)")
         body: Dict[str, Any] = {}
         if isinstance(cmd, str):
             body["cmd"] = cmd
