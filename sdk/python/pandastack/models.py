@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 # RFC 3339 as Go writes it (time.RFC3339Nano): up to nine fraction digits,
 # "Z" or a numeric offset. datetime.fromisoformat on Python < 3.11 reads
@@ -46,6 +46,47 @@ def _str_map(value: Any) -> Dict[str, str]:
 
 
 @dataclass
+class NetworkInfo:
+    """A sandbox's network as the server reports it (the API's ``SandboxNetwork``).
+
+    ``internet`` opens every public address; ``allow`` and ``deny`` are the
+    rules (deny wins); with none of them the sandbox has no egress, but its
+    ports can still be reached (:meth:`Sandbox.get_url`). ``public_ports``
+    lets anyone reach the ports without a credential. ``access_token`` opens
+    the sandbox's ports to whoever has it, besides the API key.
+    """
+
+    internet: bool = False
+    allow: List[str] = field(default_factory=list)
+    deny: List[str] = field(default_factory=list)
+    public_ports: bool = False
+    access_token: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> "NetworkInfo":
+        return cls(
+            internet=bool(doc.get("internet", False)),
+            allow=[str(r) for r in (doc.get("allow") or [])],
+            deny=[str(r) for r in (doc.get("deny") or [])],
+            public_ports=bool(doc.get("public_ports", False)),
+            access_token=str(doc["access_token"]) if doc.get("access_token") else None,
+        )
+
+    def policy(self) -> Dict[str, Any]:
+        """The policy as the API takes it (``Sandbox.create(network=...)``, :meth:`Sandbox.set_network`)."""
+        body: Dict[str, Any] = {}
+        if self.internet:
+            body["internet"] = True
+        if self.allow:
+            body["allow"] = list(self.allow)
+        if self.deny:
+            body["deny"] = list(self.deny)
+        if self.public_ports:
+            body["public_ports"] = True
+        return body
+
+
+@dataclass
 class SandboxInfo:
     """What the server last said about a sandbox (the API's ``Sandbox``)."""
 
@@ -64,6 +105,8 @@ class SandboxInfo:
     on_timeout: str = "kill"
     #: Size on disk of the saved state while the sandbox is paused; else 0.
     paused_bytes: int = 0
+    #: The sandbox's network, or None for a sandbox created without one.
+    network: Optional[NetworkInfo] = None
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> "SandboxInfo":
@@ -80,6 +123,7 @@ class SandboxInfo:
             pids=int(doc.get("pids") or 0),
             on_timeout=str(doc.get("on_timeout") or "kill"),
             paused_bytes=int(doc.get("paused_bytes") or 0),
+            network=NetworkInfo.from_json(doc["network"]) if isinstance(doc.get("network"), dict) else None,
         )
 
 

@@ -12,6 +12,7 @@ from .errors import (NotFoundError, PandaStackConnectionError, PandaStackError, 
 from .code import CodeMixin
 from .files import Files
 from .models import ExecResult, SandboxInfo
+from .network import NetworkMixin, NetworkSpec, network_body
 from .processes import Process, Processes
 from .snapshot import Snapshot
 
@@ -31,7 +32,7 @@ EXEC_TIMEOUT_MARGIN = 30.0
 OutputCallback = Callable[[str], Any]
 
 
-class Sandbox(CodeMixin):
+class Sandbox(CodeMixin, NetworkMixin):
     """A handle on one sandbox.
 
     Make one with :meth:`create` or :meth:`connect`. As a context manager it
@@ -54,6 +55,7 @@ class Sandbox(CodeMixin):
                cpu: Optional[float] = None, memory_mb: Optional[int] = None,
                snapshot_id: Optional[str] = None, on_timeout: Optional[str] = None,
                disk_mb: Optional[int] = None, pids: Optional[int] = None, *,
+               network: Optional[NetworkSpec] = None, public_ports: Optional[bool] = None,
                url: Optional[str] = None, api_key: Optional[str] = None,
                request_timeout: Optional[float] = DEFAULT_REQUEST_TIMEOUT) -> "Sandbox":
         """Start a new sandbox and return it once it is running.
@@ -69,6 +71,12 @@ class Sandbox(CodeMixin):
         ``metadata`` is stored with the sandbox. ``on_timeout`` is what the
         TTL does: "kill" (the server's default) or "pause", which keeps the
         sandbox paused until it is resumed or killed.
+
+        ``network`` gives the sandbox a network: "none" (no egress, but its
+        ports can be reached: :meth:`get_url`), "internet" (any public
+        address) or ``{"allow": ["10.1.2.3/32", "*.pypi.org:443"], "deny": [...]}``
+        (see :mod:`pandastack.network`); left out, it has none at all.
+        ``public_ports=True`` lets anyone reach its ports without a token.
         """
         client = HTTPClient(url, api_key, request_timeout)
         body: Dict[str, Any] = {}
@@ -94,6 +102,9 @@ class Sandbox(CodeMixin):
             body["disk_mb"] = disk_mb
         if pids is not None:
             body["pids"] = pids
+        net = network_body(network, public_ports)
+        if net is not None:
+            body["network"] = net
         doc = client.call("POST", "/v1/sandboxes", body)
         return cls(_sandbox_info(doc, client), client)
 
