@@ -296,6 +296,12 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 	c.DelTable(t)
 	c.AddTable(t)
 
+	// Each set gets its batch ID here: the library would otherwise take
+	// it from a package-level counter it increments without a lock (a
+	// data race between slots written at once).
+	var setID uint32
+	nextSetID := func() uint32 { setID++; return setID }
+
 	deny4, deny6 := splitFamilies(append(append([]netip.Prefix{}, alwaysDenied...), n.hostPrefixes()...))
 	sets := map[string]*nftables.Set{}
 	for _, sd := range []struct {
@@ -309,7 +315,7 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 		if sd.v6 {
 			kt = nftables.TypeIP6Addr
 		}
-		set := &nftables.Set{Table: t, Name: sd.name, KeyType: kt, Interval: true}
+		set := &nftables.Set{Table: t, ID: nextSetID(), Name: sd.name, KeyType: kt, Interval: true}
 		if err := c.AddSet(set, rangeElements(mergeRanges(sd.ps))); err != nil {
 			return fmt.Errorf("adding set %s: %w", sd.name, err)
 		}
@@ -394,7 +400,7 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 			if v6 {
 				kt = nftables.TypeIP6Addr
 			}
-			set := &nftables.Set{Table: t, Name: nameSet(i, v6), KeyType: kt, HasTimeout: true}
+			set := &nftables.Set{Table: t, ID: nextSetID(), Name: nameSet(i, v6), KeyType: kt, HasTimeout: true}
 			if err := c.AddSet(set, nil); err != nil {
 				return fmt.Errorf("adding set %s: %w", set.Name, err)
 			}
