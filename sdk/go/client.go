@@ -47,6 +47,10 @@ type Client struct {
 	// usual reason for one.
 	keyHint string
 	http    *http.Client
+
+	// domain caches the server's ports domain (GET /v1/health), which
+	// Sandbox.URL needs; see network.go.
+	domain domainCache
 }
 
 // Option configures a Client. An option given an empty value is ignored, so
@@ -162,6 +166,11 @@ type CreateOptions struct {
 	// default) or wire.OnTimeoutPause, which keeps the sandbox paused until
 	// it is resumed or killed.
 	OnTimeout string
+	// Network gives the sandbox a network: &wire.Network{} for none
+	// (loopback only, but its ports can be reached: Sandbox.URL),
+	// &wire.Network{Internet: true} for any public address, or Allow and
+	// Deny rules (wire.Network). Nil: no network at all, so no ports.
+	Network *wire.Network
 }
 
 // Create starts a sandbox and returns it once it is running. The caller owns
@@ -178,6 +187,7 @@ func (c *Client) Create(ctx context.Context, opts CreateOptions) (*Sandbox, erro
 		Pids:       opts.Pids,
 		SnapshotID: opts.SnapshotID,
 		OnTimeout:  opts.OnTimeout,
+		Network:    opts.Network,
 	}
 	var info wire.Sandbox
 	if err := c.do(ctx, http.MethodPost, "/sandboxes", req, &info, http.StatusCreated); err != nil {
