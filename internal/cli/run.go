@@ -28,6 +28,7 @@ func newRunCmd() *cobra.Command {
 		// interactive and tty are -i and -t: stdin to the command, and a
 		// terminal for it (as docker run -it).
 		interactiveIn, tty bool
+		network            networkFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "run [flags] [--] CMD...",
@@ -46,6 +47,10 @@ func newRunCmd() *cobra.Command {
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
+			netw, err := network.network("no-egress", false)
+			if err != nil {
+				return err
+			}
 			if interactiveIn || tty {
 				if timeout != 0 || len(env) > 0 {
 					return fmt.Errorf("--timeout and --env do not apply to -i or -t")
@@ -54,7 +59,7 @@ func newRunCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return runInteractive(cmd, c, pandastack.CreateOptions{Template: template, TTL: time.Duration(ttl) * time.Second}, args, user, tty)
+				return runInteractive(cmd, c, pandastack.CreateOptions{Template: template, TTL: time.Duration(ttl) * time.Second, Network: netw}, args, user, tty)
 			}
 			opts, err := execOptions(timeout, env, "", user)
 			if err != nil {
@@ -67,6 +72,7 @@ func newRunCmd() *cobra.Command {
 			return runOnce(cmd, c, pandastack.CreateOptions{
 				Template: template,
 				TTL:      time.Duration(ttl) * time.Second,
+				Network:  netw,
 			}, args, opts)
 		},
 	}
@@ -78,6 +84,7 @@ func newRunCmd() *cobra.Command {
 	cmd.Flags().BoolVarP(&interactiveIn, "interactive", "i", false, "pass stdin to the command (with -t and a terminal: an interactive session, as ssh)")
 	cmd.Flags().BoolVarP(&tty, "tty", "t", false, "run the command (by default a login shell) on a terminal when stdin is one: raw mode, window size, exit code")
 	addExecFlags(cmd, &timeout, &env, nil, &user)
+	network.addCreate(cmd.Flags())
 	return cmd
 }
 

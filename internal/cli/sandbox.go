@@ -41,6 +41,8 @@ func newSandboxCmd() *cobra.Command {
 		newSandboxShellCmd(),
 		newSandboxCpCmd(),
 		newSandboxRunCodeCmd(),
+		newSandboxNetworkCmd(),
+		newSandboxURLCmd(),
 	)
 	return cmd
 }
@@ -51,6 +53,7 @@ func newSandboxCreateCmd() *cobra.Command {
 		ttl           int
 		env, metadata []string
 		asJSON        bool
+		network       networkFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "create",
@@ -70,6 +73,9 @@ func newSandboxCreateCmd() *cobra.Command {
 				return err
 			}
 			opts.TTL = time.Duration(ttl) * time.Second
+			if opts.Network, err = network.network("no-egress", false); err != nil {
+				return err
+			}
 			c, err := newClient(cmd)
 			if err != nil {
 				return err
@@ -97,6 +103,7 @@ func newSandboxCreateCmd() *cobra.Command {
 	f.IntVar(&opts.DiskMB, "disk-mb", 0, "writable root layer in MiB (0: the server's default)")
 	f.IntVar(&opts.Pids, "pids", 0, "cap of processes inside (0: the server's default)")
 	f.BoolVar(&asJSON, "json", false, "print the sandbox as JSON instead of its id")
+	network.addCreate(f)
 	return cmd
 }
 
