@@ -340,7 +340,9 @@ func (c *Client) dialTerminal(ctx context.Context, path string) (*Terminal, erro
 	pr, pw := io.Pipe()
 	bg, cancel := context.WithCancel(context.Background())
 	t := &Terminal{conn: conn, out: pr, cancel: cancel, done: make(chan struct{})}
-	go t.read(bg, pw)
+	// The reader starts with the first Read, Wait or Close, so that
+	// OnDropped, set before, is never read while being set.
+	t.start = sync.OnceFunc(func() { go t.read(bg, pw) })
 	return t, nil
 }
 
@@ -350,13 +352,15 @@ type Terminal struct {
 	conn   *websocket.Conn
 	out    *io.PipeReader
 	cancel context.CancelFunc
+	// start starts the goroutine that reads the connection, once.
+	start func()
 	// done is closed when the connection has ended; exit and err are set
 	// by then.
 	done chan struct{}
 	exit *wire.TerminalMessage
 	err  error
-	// OnDropped, if set before the first Read, is told of output the
-	// server no longer held when it replayed.
+	// OnDropped, if set before the first Read (or Wait), is told of
+	// output the server no longer held when it replayed.
 	OnDropped func(stream string, bytes int64)
 }
 
@@ -407,7 +411,10 @@ func (t *Terminal) read(ctx context.Context, pw *io.PipeWriter) {
 
 // Read reads the process's output; io.EOF once it has exited (Wait then
 // has its exit code).
-func (t *Terminal) Read(p []byte) (int, error) { return t.out.Read(p) }
+func (t *Terminal) Read(p []byte) (int, error) {
+	t.start()
+	return t.out.Read(p)
+}
 
 // Write sends input to the process.
 func (t *Terminal) Write(p []byte) (int, error) {
@@ -444,6 +451,7 @@ func (t *Terminal) CloseInput(ctx context.Context) error {
 // or Wait returns only once the pending output is read) and returns the
 // process's exit code, or why the connection ended without one.
 func (t *Terminal) Wait(ctx context.Context) (int, error) {
+	t.start()
 	select {
 	case <-t.done:
 	case <-ctx.Done():
@@ -464,6 +472,7 @@ func (t *Terminal) Close() error {
 	// The close handshake fails when the server closed first (the
 	// process exited): nothing is lost either way.
 	_ = t.conn.Close(websocket.StatusNormalClosure, "")
+	t.start()
 	t.cancel()
 	t.out.Close()
 	<-t.done

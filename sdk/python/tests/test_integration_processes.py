@@ -95,7 +95,7 @@ def test_close_stdin_ends_input(sb):
 
 
 def test_reattach_from_a_second_client_replays_output_produced_meanwhile(sb, server_url):
-    p = sb.exec("echo before; read a; echo meanwhile:$a; read b; echo last:$b; exit 4",
+    p = sb.exec("echo before; read a; echo meanwhile:$a; read b; echo last:$b; cat; exit 4",
                 background=True, stdin=True, tag="reattach")
     with p.output() as events:
         assert read_until(events, "before\n") == "before\n"
