@@ -63,6 +63,12 @@ type benchOpts struct {
 	filesMB                 int
 	tmpl, runscPath         string
 	self, asJSON, skipLarge bool
+	// netN is how many creates each networking create figure times (0:
+	// no networking figures); netMB the size of the file downloaded
+	// through an exposed port (0: no HTTP figures); networkOnly skips
+	// everything but the baseline and the networking figures.
+	netN, netMB int
+	networkOnly bool
 }
 
 func newBenchCmd() *cobra.Command {
@@ -79,7 +85,12 @@ func newBenchCmd() *cobra.Command {
     holds 200 MB (template code-interpreter);
   - code interpreter: create → first result of a pandas cell (run_code), beside
     "python3 -c 'import pandas'" run in a fresh sandbox, and a trivial cell's round trip
-    (1+1) beside an exec of "true" in the same sandbox.
+    (1+1) beside an exec of "true" in the same sandbox;
+  - networking (--self only): create → first output with and without a network (egress
+    "none"), interleaved on one networked server, and HTTP through an exposed port (a file
+    downloaded and small requests) beside the same on the host's loopback. That server's
+    sandbox traffic leaves from an empty network namespace the bench makes: nothing can
+    leave the machine.
 By default (--self) it starts its own servers in temporary data directories, sharing the
 installed templates, in three configurations: cold boot, template snapshots, and a warm
 pool. With --self=false it measures the server at --url as it is configured.`,
@@ -115,6 +126,9 @@ pool. With --self=false it measures the server at --url as it is configured.`,
 	f.IntVar(&o.rateN, "rate", 120, "creates by 4 concurrent clients for the sustained-rate figure (0: skip)")
 	f.IntVar(&o.codeN, "code-n", 10, "creates timed for each code-interpreter figure (0: skip them)")
 	f.IntVar(&o.filesMB, "files-mb", 256, "MB of the file for the upload and download throughput figures (0: skip them)")
+	f.IntVar(&o.netN, "net-n", 20, "creates timed with and without a network for the networking figures (0: skip them)")
+	f.IntVar(&o.netMB, "net-mb", 256, "MB of the file downloaded through an exposed port (0: skip the HTTP figures)")
+	f.BoolVar(&o.networkOnly, "network-only", false, "measure only the baseline and the networking figures")
 	f.BoolVar(&o.asJSON, "json", false, "print JSON")
 	return cmd
 }
@@ -152,6 +166,9 @@ func runBench(cmd *cobra.Command, o benchOpts) ([]benchFigure, error) {
 		{"template snapshot", func(c *sandbox.Config) { c.TemplateSnapshots = true; c.PoolSize = 0 }, false, "creates restore the template's snapshot"},
 		{"warm pool", func(c *sandbox.Config) { c.TemplateSnapshots = true; c.PoolSize = 4 }, false, "pool of 4, 300 ms between creates"},
 	}
+	if o.networkOnly {
+		configs = nil
+	}
 	for _, cf := range configs {
 		c, stop, err := benchStartServer(ctx, runsc, cf.mut)
 		if err != nil {
@@ -164,13 +181,27 @@ func runBench(cmd *cobra.Command, o benchOpts) ([]benchFigure, error) {
 		}
 		figs = append(figs, more...)
 	}
+	if o.netN > 0 {
+		more, err := benchNetwork(ctx, runsc, o)
+		if err != nil {
+			return nil, fmt.Errorf("networking figures: %w", err)
+		}
+		figs = append(figs, more...)
+	}
 	relateCodeFigures(figs)
+	relateNetworkFigures(figs)
 	return figs, nil
 }
 
 // benchStartServer runs a daemon in this process on a temporary data
 // directory, sharing the installed templates.
 func benchStartServer(ctx context.Context, runsc string, mut func(*sandbox.Config)) (*pandastack.Client, func(), error) {
+	return benchStartServerWith(ctx, runsc, func(c *daemon.Config) { mut(&c.Sandbox) })
+}
+
+// benchStartServerWith is benchStartServer with the whole daemon
+// configuration to change.
+func benchStartServerWith(ctx context.Context, runsc string, mut func(*daemon.Config)) (*pandastack.Client, func(), error) {
 	dir, err := os.MkdirTemp("", "pandastack-bench-")
 	if err != nil {
 		return nil, nil, err
@@ -181,7 +212,7 @@ func benchStartServer(ctx context.Context, runsc string, mut func(*sandbox.Confi
 		Sandbox:     sandbox.DefaultConfig(), CgroupParent: "/pandastack-bench",
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
-	mut(&cfg.Sandbox)
+	mut(&cfg)
 	addrc := make(chan string, 1)
 	cfg.Ready = func(a string) { addrc <- a }
 	sctx, cancel := context.WithCancel(ctx)
