@@ -7,6 +7,8 @@ Every wait for a state has a generous deadline (PATIENCE); nothing assumes how f
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,6 +16,8 @@ import pytest
 from pandastack import (ConflictError, InvalidArgumentError, NotFoundError, Process, Sandbox, WaitTimeoutError)
 
 PATIENCE = 600
+SDK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(SDK_DIR, "..", "..", "README.md")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,6 +61,21 @@ def eventually(check, what):
         assert time.monotonic() < deadline, "gave up waiting for " + what
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
+
+
+def test_readme_example():
+    """The README's background-process example, verbatim."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("Background processes:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "background=True" in block
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SDK_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-c", block], env=env, cwd=SDK_DIR,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=PATIENCE)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    ticks = "tick 1\ntick 2\ntick 3\n"
+    assert proc.stdout.decode() == ticks + "0\n" + ticks + "bye Ada\n\n"
 
 
 def test_the_verbatim_exec_contract_still_holds(server_url):
