@@ -30,12 +30,20 @@ echo "==> Python SDK unit tests"
 echo "==> Python SDK integration tests against a real server"
 tmp=$(mktemp -d)
 port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# Its sandboxes' traffic leaves from an empty network namespace of its own
+# (loopback only): no test packet can leave the machine, and it does not
+# meet the installed server's network (one networked server per namespace).
+netns="pst-py-$$"
+ip netns add "$netns"
+ip -n "$netns" link set lo up
 /usr/local/bin/pandastack serve --listen "127.0.0.1:$port" --data-dir "$tmp/data" \
-	--template-dir "$PANDASTACK_TEMPLATE_DIR" --build-templates=false >"$tmp/server.log" 2>&1 &
+	--template-dir "$PANDASTACK_TEMPLATE_DIR" --build-templates=false \
+	--network-namespace "/var/run/netns/$netns" --dns 127.0.0.1:1 >"$tmp/server.log" 2>&1 &
 server=$!
 cleanup() {
 	kill "$server" 2>/dev/null || true
 	wait "$server" 2>/dev/null || true
+	ip netns del "$netns" 2>/dev/null || true
 	umount -l "$tmp/data/runtime/runsc/null-netns" 2>/dev/null || true
 	rm -rf "$tmp"
 }
