@@ -45,7 +45,8 @@ type RegistryOptions struct {
 	// registry. Loopback and private addresses are reached over plain HTTP
 	// regardless, as go-containerregistry does by default.
 	Insecure bool
-	// Auth authenticates to the registry; nil means anonymous.
+	// Auth authenticates to the registry; nil means anonymous (the host's
+	// Docker credentials are never read implicitly).
 	Auth authn.Authenticator
 	// Transport carries the requests; nil means http.DefaultTransport.
 	Transport http.RoundTripper
