@@ -6,7 +6,10 @@
 // them usually allowed), a private service at 10.0.0.5, cloud metadata at
 // 169.254.169.254, an IPv6 server at 2001:db8::10, and a DNS server of the
 // test's own at 198.51.100.53. The web server answers plain HTTP on ports
-// 80 and 8080 and HTTPS on 443. No packet can leave through the machine's
+// 80 and 8080 and HTTPS on 443 (path /stream: a long-lived streaming
+// response); 198.51.100.53:853 (where DNS over TLS would be) accepts TCP
+// too, so a test can tell a refused connection from an absent server. The
+// daemon namespace itself serves HTTP on port 80 (the host's own service). No packet can leave through the machine's
 // real interface: nothing here routes to it. (This machine's real interface
 // uses 192.0.2.0/24 and fd00::/64, and its package registries are reached
 // in 203.0.113.0/24: none of those ranges is used.)
@@ -22,6 +25,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -124,7 +128,36 @@ func New(t testing.TB) *Internet {
 		run(t, c...)
 	}
 	in.serve(t)
+	in.serveHost(t)
 	return in
+}
+
+// serveHost runs an HTTP server in the daemon namespace on port 80 of all
+// its addresses (198.51.100.1, 2001:db8::1, and whatever a daemon adds):
+// the host's own services, which sandboxes must never reach. It answers
+// "hello from the host".
+func (in *Internet) serveHost(t testing.TB) {
+	t.Helper()
+	var ln net.Listener
+	if err := InNS(in.DaemonNS, func() error {
+		var err error
+		ln, err = net.Listen("tcp", ":80")
+		return err
+	}); err != nil {
+		t.Fatalf("listening in the daemon namespace: %v", err)
+	}
+	srv := &http.Server{ReadHeaderTimeout: 10 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		in.mu.Lock()
+		in.hits = append(in.hits, fmt.Sprintf("%s %s %s", r.Host, r.RemoteAddr, r.Context().Value(http.LocalAddrContextKey)))
+		in.mu.Unlock()
+		fmt.Fprintf(w, "hello from the host at %v\n", r.Context().Value(http.LocalAddrContextKey))
+	})}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	})
 }
 
 // InNS runs fn on a thread in the namespace at path (sockets fn makes stay
@@ -163,11 +196,15 @@ func (in *Internet) serve(t testing.TB) {
 		in.mu.Lock()
 		in.hits = append(in.hits, fmt.Sprintf("%s %s %s", r.Host, r.RemoteAddr, r.Context().Value(http.LocalAddrContextKey)))
 		in.mu.Unlock()
+		if r.URL.Path == "/stream" {
+			stream(w, r)
+			return
+		}
 		fmt.Fprintf(w, "hello from %v for %s\n", r.Context().Value(http.LocalAddrContextKey), r.Host)
 	})
 	var lns []net.Listener
 	err := InNS(in.InetNS, func() error {
-		for _, a := range []string{":80", ":443", ":8080"} {
+		for _, a := range []string{":80", ":443", ":8080", DNSIP.String() + ":853"} {
 			ln, err := net.Listen("tcp", a)
 			if err != nil {
 				return err
@@ -185,6 +222,7 @@ func (in *Internet) serve(t testing.TB) {
 	go func() { _ = plain.Serve(lns[0]) }()
 	go func() { _ = secure.ServeTLS(lns[1], "", "") }()
 	go func() { _ = plain.Serve(lns[2]) }()
+	go func() { _ = plain.Serve(lns[3]) }()
 
 	var udp net.PacketConn
 	var tcp net.Listener
@@ -213,6 +251,57 @@ func (in *Internet) serve(t testing.TB) {
 		_ = us.Shutdown()
 		_ = ts.Shutdown()
 	})
+}
+
+// StreamFor is how long a /stream response lasts at most.
+const StreamFor = 3 * time.Minute
+
+// stream answers a long-lived download: a line every 50 ms until the
+// client goes or StreamFor passes.
+func stream(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain")
+	f, _ := w.(http.Flusher)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	end := time.After(StreamFor)
+	for i := 0; ; i++ {
+		if _, err := fmt.Fprintf(w, "tick %d\n", i); err != nil {
+			return
+		}
+		if f != nil {
+			f.Flush()
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-end:
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// Get fetches url from the daemon namespace (not through any sandbox's
+// rules): a control showing a stand-in is there to be refused.
+func (in *Internet) Get(url string) (string, error) {
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var c net.Conn
+		err := InNS(in.DaemonNS, func() error {
+			var err error
+			c, err = (&net.Dialer{Timeout: 10 * time.Second}).DialContext(ctx, network, addr)
+			return err
+		})
+		return c, err
+	}
+	c := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
+		DialContext: dial, TLSClientConfig: &tls.Config{RootCAs: in.Pool}, DisableKeepAlives: true}}
+	resp, err := c.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
 }
 
 // answer is the test DNS server: the stand-in names, NXDOMAIN otherwise.
