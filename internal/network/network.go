@@ -239,6 +239,9 @@ func (n *Network) Release(s *Slot) error {
 	delete(n.bySource, s.Uplink6)
 	delete(n.policies, s.Index)
 	n.mu.Unlock()
+	if n.proxy != nil {
+		n.proxy.recheck(s) // it has no policy now: everything goes
+	}
 	err := n.destroySlot(s)
 	n.free(s.Index)
 	return err
@@ -326,15 +329,19 @@ func (n *Network) Close() error {
 }
 
 // SetPolicy applies policy to the slot at once: new connections follow it,
-// and connections it no longer allows are cut (their tracking is flushed,
-// so their next packet meets the new rules and is refused).
+// connections it no longer allows are cut (the sandbox's next packet on
+// one is refused with a reset: writeRouterTable; the proxy resets those it
+// carries), and connections it still allows go on.
 func (n *Network) SetPolicy(s *Slot, p Policy) error {
 	rt, err := netns.GetFromPath(nsPath(s.routerName))
 	if err != nil {
 		return fmt.Errorf("opening router namespace of slot %d: %w", s.Index, err)
 	}
 	defer rt.Close()
-	if err := n.writeRouterTable(rt, s, p); err != nil {
+	n.mu.Lock()
+	old := n.policies[s.Index]
+	n.mu.Unlock()
+	if err := n.writeRouterTable(rt, s, p, old); err != nil {
 		return err
 	}
 	n.mu.Lock()
@@ -342,12 +349,11 @@ func (n *Network) SetPolicy(s *Slot, p Policy) error {
 	n.bySource[s.Uplink4] = s
 	n.bySource[s.Uplink6] = s
 	n.mu.Unlock()
-	// The router namespace tracks only this sandbox's connections.
-	if h, err := netlink.NewHandleAt(rt); err == nil {
-		_ = h.ConntrackTableFlush(netlink.ConntrackTable)
-		h.Close()
+	// Connections through the proxy are checked against the new policy
+	// too (the router's rules see only the proxy).
+	if n.proxy != nil {
+		n.proxy.recheck(s)
 	}
-	n.flushConntrack(s.Uplink4, s.Uplink6)
 	return nil
 }
 

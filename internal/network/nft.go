@@ -176,6 +176,13 @@ func rejectTCP() exprs {
 	return exprs{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}}
 }
 
+// rejectUDP: reject with icmpx port-unreachable — the answer a UDP socket
+// turns into "connection refused" at once (gVisor's netstack, like many
+// stacks, does not report administratively prohibited to UDP sockets).
+func rejectUDP() exprs {
+	return exprs{&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_PORT_UNREACH}}
+}
+
 // rejectAny: reject with icmpx admin-prohibited.
 func rejectAny() exprs {
 	return exprs{&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED}}
@@ -204,5 +211,30 @@ func icmp6Type(typ byte) exprs {
 	return exprs{
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{typ}},
+	}
+}
+
+// ctMarkIs: ct mark MARK.
+func ctMarkIs(mark uint32) exprs {
+	return exprs{
+		&expr.Ct{Register: 1, Key: expr.CtKeyMARK},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nativeU32(mark)},
+	}
+}
+
+// ctMarkSet: ct mark set MARK.
+func ctMarkSet(mark uint32) exprs {
+	return exprs{
+		&expr.Immediate{Register: 1, Data: nativeU32(mark)},
+		&expr.Ct{Register: 1, Key: expr.CtKeyMARK, SourceRegister: true},
+	}
+}
+
+// tcpRST: tcp flags & rst != 0 (after an l4proto tcp match).
+func tcpRST() exprs {
+	return exprs{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x04}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0}},
 	}
 }

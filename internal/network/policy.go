@@ -1,8 +1,11 @@
 package network
 
 import (
+	"bytes"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -283,12 +286,32 @@ const routerTable = "pandastack"
 
 // writeRouterTable (re)writes the slot's router table for policy, in one
 // transaction: the sandbox's traffic is never without rules.
-func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
+//
+// Each write is a generation of the slot's rules, with a mark of its own
+// (random, so that a daemon restarted over a slot's rules does not repeat
+// one): a connection the rules accept is marked with it, and its later
+// packets from the sandbox pass at once while the mark is the current
+// one. After a policy change, the first packet the sandbox sends on an
+// older connection is checked against the new rules: still allowed, it is
+// marked anew; no longer allowed, it is refused with a reset (ICMP error
+// for other protocols), which ends the connection for the sandbox — also
+// a download where the sandbox only acknowledges, since its next
+// acknowledgment is refused. Conntrack is not flushed: connections the new
+// policy still allows go on. The sandbox's own resets on such a
+// connection pass, so the other end learns it ended. old is the policy
+// the slot had: the addresses its name rules had opened are carried over
+// to the new policy's rules for the same names.
+func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p, old Policy) error {
+	t := &nftables.Table{Name: routerTable, Family: nftables.TableFamilyINet}
+	carried := n.openedNames(ns, t, old)
 	c, err := nftables.New(nftables.WithNetNSFd(int(ns)))
 	if err != nil {
 		return fmt.Errorf("nftables in router namespace: %w", err)
 	}
-	t := &nftables.Table{Name: routerTable, Family: nftables.TableFamilyINet}
+	gen := s.gen
+	for gen == 0 || gen == s.gen {
+		gen = rand.Uint32()
+	}
 	// Deleting and re-adding in the same transaction replaces the table
 	// atomically. (Deleting a table that does not exist fails the whole
 	// transaction, so add it first: adding an existing table is a no-op.)
@@ -357,15 +380,22 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 		add(post, rule(oif("up0"), addrIs(fam.sandbox, false, expr.CmpOpEq), natTo(expr.NATTypeSourceNAT, fam.uplink, 0)))
 	}
 
-	add(fwd, rule(ctEstablished(), accept()))
-	// What the rules above translated on purpose (DNS, ports).
+	// What the rules above translated on purpose (DNS, the proxy, the
+	// daemon's connections to the sandbox's ports), both ways.
 	add(fwd, rule(ctDNAT(), accept()))
-	// Nothing else comes in; nothing leaves from another address.
+	// Answers to the sandbox's connections; nothing else comes in.
+	add(fwd, rule(iif("up0"), ctEstablished(), accept()))
 	add(fwd, rule(iif("up0"), drop()))
+	// Nothing leaves from another address.
 	add(fwd, rule(iif("in0"), nfproto(false), addrIs(SandboxIP4, false, expr.CmpOpNeq), drop()))
 	add(fwd, rule(iif("in0"), nfproto(true), addrIs(SandboxIP6, false, expr.CmpOpNeq), drop()))
+	// Connections these rules accepted go on; older ones are checked
+	// again below (their resets pass, to end them at the other side).
+	add(fwd, rule(iif("in0"), ctEstablished(), ctMarkIs(gen), accept()))
+	add(fwd, rule(iif("in0"), ctEstablished(), l4proto(unix.IPPROTO_TCP), tcpRST(), accept()))
 	refuse := func(match exprs) {
 		add(fwd, rule(match, l4proto(unix.IPPROTO_TCP), rejectTCP()))
+		add(fwd, rule(match, l4proto(unix.IPPROTO_UDP), rejectUDP()))
 		add(fwd, rule(match, rejectAny()))
 	}
 	// DNS goes to the daemon's resolver only (translated above): DNS
@@ -384,12 +414,12 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 		}
 	}
 	if p.Internet {
-		add(fwd, rule(iif("in0"), accept()))
+		add(fwd, rule(iif("in0"), ctMarkSet(gen), accept()))
 	}
 	for i, r := range p.Allow {
 		if r.Name == "" {
 			for _, m := range ruleMatches(r) {
-				add(fwd, rule(iif("in0"), m, accept()))
+				add(fwd, rule(iif("in0"), m, ctMarkSet(gen), accept()))
 			}
 			continue
 		}
@@ -401,11 +431,11 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 				kt = nftables.TypeIP6Addr
 			}
 			set := &nftables.Set{Table: t, ID: nextSetID(), Name: nameSet(i, v6), KeyType: kt, HasTimeout: true}
-			if err := c.AddSet(set, nil); err != nil {
+			if err := c.AddSet(set, carried[nameKey{r.Name, v6}]); err != nil {
 				return fmt.Errorf("adding set %s: %w", set.Name, err)
 			}
 			for _, m := range portMatches(r, addrIn(set, v6, true)) {
-				add(fwd, rule(iif("in0"), m, accept()))
+				add(fwd, rule(iif("in0"), m, ctMarkSet(gen), accept()))
 			}
 		}
 	}
@@ -413,7 +443,56 @@ func (n *Network) writeRouterTable(ns netns.NsHandle, s *Slot, p Policy) error {
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("writing router rules of slot %d: %w", s.Index, err)
 	}
+	s.gen = gen
 	return nil
+}
+
+// nameKey names the addresses a name rule opened, by family.
+type nameKey struct {
+	name string
+	v6   bool
+}
+
+// openedNames reads the addresses the resolver opened for the name rules
+// of old (the policy of the table now in ns), with the time each has left:
+// a new policy that allows the same names keeps them open. A slot without
+// a table yet has none.
+func (n *Network) openedNames(ns netns.NsHandle, t *nftables.Table, old Policy) map[nameKey][]nftables.SetElement {
+	out := map[nameKey][]nftables.SetElement{}
+	var c *nftables.Conn
+	for i, r := range old.Allow {
+		if r.Name == "" {
+			continue
+		}
+		if c == nil {
+			var err error
+			if c, err = nftables.New(nftables.WithNetNSFd(int(ns))); err != nil {
+				return out
+			}
+		}
+		for _, v6 := range []bool{false, true} {
+			kt := nftables.TypeIPAddr
+			if v6 {
+				kt = nftables.TypeIP6Addr
+			}
+			els, err := c.GetSetElements(&nftables.Set{Table: t, Name: nameSet(i, v6), KeyType: kt, HasTimeout: true})
+			if err != nil {
+				continue
+			}
+			k := nameKey{r.Name, v6}
+			for _, e := range els {
+				if slices.ContainsFunc(out[k], func(o nftables.SetElement) bool { return bytes.Equal(o.Key, e.Key) }) {
+					continue
+				}
+				left := e.Expires
+				if left <= 0 {
+					left = minDynamicTTL
+				}
+				out[k] = append(out[k], nftables.SetElement{Key: e.Key, Timeout: left})
+			}
+		}
+	}
+	return out
 }
 
 // ruleMatches are the matches of an address rule, one per protocol and

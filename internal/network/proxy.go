@@ -41,6 +41,83 @@ type proxy struct {
 	n   *Network
 	lns []net.Listener
 	wg  sync.WaitGroup
+
+	mu sync.Mutex
+	// live are the connections being passed on, by slot: a policy change
+	// checks them again (recheck).
+	live map[*Slot]map[*liveConn]struct{}
+}
+
+// liveConn is a connection the proxy passes on and the name it was let
+// through for (an HTTP connection's latest request's).
+type liveConn struct {
+	px   proxied
+	mu   sync.Mutex
+	host string
+	// cut resets the sandbox's side and closes the other.
+	cut func()
+}
+
+func (lc *liveConn) setHost(h string) {
+	lc.mu.Lock()
+	lc.host = h
+	lc.mu.Unlock()
+}
+
+// track registers a connection until the returned func is called.
+func (p *proxy) track(lc *liveConn) (untrack func()) {
+	p.mu.Lock()
+	if p.live == nil {
+		p.live = map[*Slot]map[*liveConn]struct{}{}
+	}
+	m := p.live[lc.px.slot]
+	if m == nil {
+		m = map[*liveConn]struct{}{}
+		p.live[lc.px.slot] = m
+	}
+	m[lc] = struct{}{}
+	p.mu.Unlock()
+	return func() {
+		p.mu.Lock()
+		// lc is in the slot's current map: a map goes only when empty.
+		if m := p.live[lc.px.slot]; m != nil {
+			delete(m, lc)
+			if len(m) == 0 {
+				delete(p.live, lc.px.slot)
+			}
+		}
+		p.mu.Unlock()
+	}
+}
+
+// recheck cuts the slot's connections its policy (now) no longer allows;
+// a released slot's all.
+func (p *proxy) recheck(s *Slot) {
+	p.mu.Lock()
+	var lcs []*liveConn
+	for lc := range p.live[s] {
+		lcs = append(lcs, lc)
+	}
+	p.mu.Unlock()
+	for _, lc := range lcs {
+		lc.mu.Lock()
+		host := lc.host
+		lc.mu.Unlock()
+		if _, ok := p.allowed(lc.px, host); !ok {
+			lc.cut()
+		}
+	}
+}
+
+// allowed is target under the slot's current policy: a connection taken
+// under an older one follows the new (none, once the slot is released).
+func (p *proxy) allowed(px proxied, host string) ([]netip.AddrPort, bool) {
+	policy, slot, ok := p.n.PolicyOf(px.slot.Uplink4)
+	if !ok || slot != px.slot {
+		return nil, false
+	}
+	px.policy = policy
+	return p.target(px, host)
 }
 
 func (n *Network) startProxy() error {
@@ -301,13 +378,21 @@ func (p *proxy) handleTLS(c *net.TCPConn, px proxied) {
 		return
 	}
 	_ = c.SetReadDeadline(time.Time{})
-	addrs, ok := p.target(px, sni)
+	addrs, ok := p.allowed(px, sni)
 	if !ok {
 		reset(c)
 		return
 	}
 	up, err := p.dial(context.Background(), addrs)
 	if err != nil {
+		reset(c)
+		return
+	}
+	lc := &liveConn{px: px, host: sni, cut: func() { reset(c); up.Close() }}
+	defer p.track(lc)()
+	// A policy change between the check and the tracking is not missed.
+	if _, ok := p.allowed(px, sni); !ok {
+		up.Close()
 		reset(c)
 		return
 	}
@@ -381,10 +466,12 @@ func (p *proxy) handleHTTP(c *net.TCPConn, px proxied) {
 		reset(c)
 		return
 	}
-	if _, ok := p.target(px, hostOnly(first.Host)); !ok {
+	if _, ok := p.allowed(px, hostOnly(first.Host)); !ok {
 		reset(c)
 		return
 	}
+	lc := &liveConn{px: px, host: hostOnly(first.Host), cut: func() { reset(c) }}
+	defer p.track(lc)()
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) {
 			r.Out.URL.Scheme = "http"
@@ -394,7 +481,7 @@ func (p *proxy) handleHTTP(c *net.TCPConn, px proxied) {
 		Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
 				host, _, _ := net.SplitHostPort(addr)
-				addrs, ok := p.target(px, host)
+				addrs, ok := p.allowed(px, host)
 				if !ok {
 					return nil, fmt.Errorf("%s is not allowed", host)
 				}
@@ -407,7 +494,8 @@ func (p *proxy) handleHTTP(c *net.TCPConn, px proxied) {
 		},
 	}
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, ok := p.target(px, hostOnly(r.Host)); !ok {
+		lc.setHost(hostOnly(r.Host))
+		if _, ok := p.allowed(px, hostOnly(r.Host)); !ok {
 			// A later request on the connection for a name it may not
 			// reach: the connection ends here.
 			hj, ok := w.(http.Hijacker)

@@ -45,6 +45,10 @@ type Slot struct {
 	// Uplink is the sandbox's address as the daemon's side sees it (its
 	// traffic is translated to it); Gateway is the daemon side's.
 	Uplink4, Gateway4, Uplink6, Gateway6 netip.Addr
+	// gen is the connection mark of its router rules' generation
+	// (writeRouterTable); written by whoever writes its rules, one at a
+	// time.
+	gen uint32
 }
 
 // slotAddrs computes a slot's uplink addresses: the index-th /30 of the
@@ -168,7 +172,7 @@ func (n *Network) createSlot(index int) (_ *Slot, err error) {
 			return nil, err
 		}
 	}
-	if err := n.writeRouterTable(rtNS, s, Policy{}); err != nil {
+	if err := n.writeRouterTable(rtNS, s, Policy{}, Policy{}); err != nil {
 		return nil, err
 	}
 	cu.Release()
