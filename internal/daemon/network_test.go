@@ -165,7 +165,7 @@ func curlWant(name, args string, want []string) probe {
 func runProbes(t *testing.T, s *daemontest.Server, id string, ps []probe) {
 	t.Helper()
 	var script strings.Builder
-	script.WriteString(`p() { i=$1; shift; out=$("$@" 2>&1); rc=$?; printf '@@%s %s %s\n' "$i" "$rc" "$(printf %s "$out" | tr '\n' ' ' | cut -c1-300)"; }` + "\n")
+	script.WriteString(`p() { i=$1; shift; t0=$(date +%s%N); out=$("$@" 2>&1); rc=$?; t1=$(date +%s%N); printf '@@%s %s %s %s\n' "$i" "$rc" "$(( (t1 - t0) / 1000000 ))ms" "$(printf %s "$out" | tr '\n' ' ' | cut -c1-300)"; }` + "\n")
 	for i, p := range ps {
 		switch p.kind {
 		case "curl":
@@ -177,23 +177,26 @@ func runProbes(t *testing.T, s *daemontest.Server, id string, ps []probe) {
 		}
 	}
 	res := s.Exec(t, id, wire.ExecRequest{Cmd: script.String(), TimeoutSeconds: 600})
-	got := map[int][2]string{}
+	got := map[int][3]string{}
 	for _, line := range strings.Split(res.Stdout, "\n") {
 		rest, ok := strings.CutPrefix(line, "@@")
 		if !ok {
 			continue
 		}
-		f := strings.SplitN(rest, " ", 3)
-		if len(f) < 2 {
+		f := strings.SplitN(rest, " ", 4)
+		if len(f) < 3 {
 			continue
 		}
 		i, _ := strconv.Atoi(f[0])
 		rc, _ := strconv.Atoi(f[1])
 		out := ""
-		if len(f) == 3 {
-			out = strings.TrimSpace(f[2])
+		if len(f) == 4 {
+			out = strings.TrimSpace(f[3])
 		}
-		got[i] = [2]string{classify(ps[i].kind, rc, out), out}
+		if i < 0 || i >= len(ps) {
+			continue
+		}
+		got[i] = [3]string{classify(ps[i].kind, rc, out), out, f[2]}
 	}
 	for i, p := range ps {
 		r, ok := got[i]
@@ -202,7 +205,7 @@ func runProbes(t *testing.T, s *daemontest.Server, id string, ps []probe) {
 			continue
 		}
 		class, out := r[0], r[1]
-		t.Logf("outcome: %s: %s: %s (%s)", t.Name(), p.name, class, out)
+		t.Logf("outcome: %s: %s: %s in %s (%s)", t.Name(), p.name, class, r[2], out)
 		if !slices.Contains(p.want, strings.SplitN(class, "=", 2)[0]) {
 			t.Errorf("%s (%s %s): got %s (%s), want %v", p.name, p.kind, p.args, class, out, p.want)
 			continue
@@ -388,6 +391,7 @@ func TestEgressFromRealSandboxes(t *testing.T) {
 			curlP("public by name", "http://"+nettest.AllowedName+"/", "unresolved"),
 			curlP("public by name, address given", "--resolve allowed.test:80:198.51.100.10 http://allowed.test/", "refused"),
 			dnsP("DNS to the daemon's resolver", "10.255.255.1 allowed.test A", "nxdomain"),
+			dnsP("DNS for a name no policy allows (not asked upstream)", "10.255.255.1 leak-none.test A", "nxdomain"),
 			dnsP("DNS to the daemon's resolver over IPv6", "fd70:7373:6e65::1 allowed.test AAAA", "nxdomain"),
 			dnsP("DNS to another resolver", "198.51.100.53 allowed.test A", "error"),
 			dnsP("DNS over TCP to another resolver", "198.51.100.53 allowed.test A tcp", "error"),
@@ -415,6 +419,7 @@ func TestEgressFromRealSandboxes(t *testing.T) {
 				curlP("metadata 8080", "http://169.254.169.254:8080/", "refused"),
 				curlP("a name, not listed", "http://allowed.test:8080/", "unresolved"),
 				dnsP("DNS for a name, not listed", "10.255.255.1 allowed.test A", "nxdomain"),
+				dnsP("DNS for a name, not listed (not asked upstream)", "10.255.255.1 leak-allow.test A", "nxdomain"),
 				dnsP("DNS to another resolver", "198.51.100.53 allowed.test A", "error"),
 			}},
 			{"a name with a port", wire.Network{Allow: []string{"allowed.test:443"}}, []probe{
@@ -438,6 +443,8 @@ func TestEgressFromRealSandboxes(t *testing.T) {
 				curlP("the denied name on the same address (Host)", "--resolve other.test:80:198.51.100.10 http://other.test/", "reset"),
 				curlP("the denied name on the same address (SNI)", "--resolve other.test:443:198.51.100.10 https://other.test/", "reset"),
 				curlP("the denied name in the Host header of an allowed one", "-H 'Host: other.test' http://allowed.test/", "reset"),
+				curlP("the denied name, other case and a trailing dot", "-H 'Host: OTHER.test.' http://allowed.test/", "reset"),
+				curlP("the denied name in an absolute request target", "--request-target http://other.test/ http://allowed.test/", "reset"),
 				curlP("a name resolving to a private address", "http://private.test/", "unresolved"),
 				curlP("a name resolving to metadata", "http://meta.test/", "unresolved"),
 				curlP("a name, private address given (Host)", "--resolve private.test:80:10.0.0.5 http://private.test/", "reset"),
@@ -482,12 +489,14 @@ func TestEgressFromRealSandboxes(t *testing.T) {
 			curlP("another public name", "https://other.test/", "ok"),
 			curlP("a name resolving to a private address", "http://private.test/", "unresolved"),
 			curlP("a name resolving to metadata", "http://meta.test/", "unresolved"),
+			curlP("a name resolving to the host", "http://host.test/", "unresolved"),
 			curlP("a name, private address given", "--resolve private.test:80:10.0.0.5 http://private.test/", "refused"),
 			curlP("a public name sent to the private address", "-H 'Host: allowed.test' http://10.0.0.5/", "refused"),
 			dnsP("DNS for a public name", "10.255.255.1 allowed.test A", "answer"),
 			dnsP("DNS for a public name, AAAA over IPv6", "fd70:7373:6e65::1 allowed.test AAAA", "answer"),
 			dnsP("DNS for a name that does not exist", "10.255.255.1 nosuch.test A", "nxdomain"),
 			dnsP("DNS for a name resolving to metadata", "10.255.255.1 meta.test A", "noanswer"),
+			dnsP("DNS for a name resolving to the host (IPv6)", "10.255.255.1 host.test AAAA", "noanswer"),
 			dnsP("DNS to another resolver", "198.51.100.53 allowed.test A", "error"),
 			dnsP("DNS over TCP to another resolver", "198.51.100.53 allowed.test A tcp", "error"),
 			dnsP("DNS to the daemon's service address directly", "10.201.0.1 allowed.test A", "error"),
@@ -498,6 +507,17 @@ func TestEgressFromRealSandboxes(t *testing.T) {
 		runProbes(t, s, sb.ID, append(ps, neighbours(t, in, 8000)...))
 	})
 
+	// The resolver asked upstream only for names a policy allowed: a
+	// sandbox cannot send data out in the names it looks up.
+	qs := in.Queries()
+	if !slices.Contains(qs, "nosuch.test") {
+		t.Errorf("the test resolver did not see an allowed lookup: %v", qs)
+	}
+	for _, q := range qs {
+		if strings.HasPrefix(q, "leak-") {
+			t.Errorf("a name no policy allowed was asked upstream: %s", q)
+		}
+	}
 	// Nothing any sandbox did reached a forbidden stand-in: only the
 	// controls above did.
 	if got := forbiddenHits(in); got != before {
@@ -619,8 +639,17 @@ func TestNetworkPolicyChangesAtRuntime(t *testing.T) {
 	})
 	st.cut("sp")
 	st.flowing("sk", 20)
+	// A connection a name rule opened (not through the proxy: port 8080)
+	// goes on when the policy changes but still allows the name.
+	setNetwork(t, s, sb.ID, wire.Network{Allow: []string{"allowed.test:443,8080"}})
+	st.start("sn", "http://allowed.test:8080/stream")
+	st.flowing("sn", 5)
+	setNetwork(t, s, sb.ID, wire.Network{Allow: []string{"allowed.test:443,8080", "other.test"}})
+	st.flowing("sn", 20)
+	st.flowing("sk", 5)
 	setNetwork(t, s, sb.ID, wire.Network{})
 	st.cut("sk")
+	st.cut("sn")
 	runProbes(t, s, sb.ID, []probe{
 		curlP("after none, the name", "https://allowed.test/", "unresolved"),
 		curlP("after none, the address", pubURL, "refused"),

@@ -62,6 +62,7 @@ const (
 	OtherName   = "other.test"   // → PublicIP (same server, another name)
 	PrivateName = "private.test" // → PrivateIP
 	MetaName    = "meta.test"    // → MetadataIP
+	HostName    = "host.test"    // → DaemonIP, DaemonIP6 (the host's own)
 )
 
 // Internet is one test's tiny internet.
@@ -74,8 +75,9 @@ type Internet struct {
 	// names, self-signed): clients trust it with Pool.
 	Pool *x509.CertPool
 
-	mu   sync.Mutex
-	hits []string
+	mu      sync.Mutex
+	hits    []string
+	queries []string
 }
 
 func run(t testing.TB, args ...string) {
@@ -181,6 +183,14 @@ func InNS(path string, fn func() error) error {
 	return <-errc
 }
 
+// Queries returns the names the test DNS server was asked for (lowercase,
+// without the trailing dot).
+func (in *Internet) Queries() []string {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return append([]string(nil), in.queries...)
+}
+
 // Hits returns what the web servers saw: "host remote-ip local-addr" lines.
 func (in *Internet) Hits() []string {
 	in.mu.Lock()
@@ -238,7 +248,14 @@ func (in *Internet) serve(t testing.TB) {
 		t.Fatalf("listening for DNS: %v", err)
 	}
 	mux := dns.NewServeMux()
-	mux.HandleFunc(".", answer)
+	mux.HandleFunc(".", func(w dns.ResponseWriter, req *dns.Msg) {
+		in.mu.Lock()
+		for _, q := range req.Question {
+			in.queries = append(in.queries, strings.ToLower(strings.TrimSuffix(q.Name, ".")))
+		}
+		in.mu.Unlock()
+		answer(w, req)
+	})
 	us := &dns.Server{PacketConn: udp, Handler: mux}
 	ts := &dns.Server{Listener: tcp, Handler: mux}
 	go func() { _ = us.ActivateAndServe() }()
@@ -313,6 +330,7 @@ func answer(w dns.ResponseWriter, req *dns.Msg) {
 		OtherName + ".":   {"A " + PublicIP.String()},
 		PrivateName + ".": {"A " + PrivateIP.String()},
 		MetaName + ".":    {"A " + MetadataIP.String()},
+		HostName + ".":    {"A " + DaemonIP.String(), "AAAA " + DaemonIP6.String()},
 	}
 	for _, q := range req.Question {
 		rs, ok := records[strings.ToLower(q.Name)]
