@@ -63,8 +63,10 @@ func (g *diskGuard) check(need int64, what string) error {
 
 func mib(b int64) int64 { return (b + 1<<20 - 1) >> 20 }
 
-// maintain keeps the reserve file: made while the disk has room for it and
-// the kept minimum, released when free space falls under a quarter of it.
+// maintain keeps the reserve file: made (again) while the disk has room for
+// it and the kept minimum. Only a store write that finds the disk full
+// releases it (Release): released on low free space, whatever was filling
+// the disk would take it and leave the store none.
 func (g *diskGuard) maintain() {
 	if g.dir == "" {
 		return
@@ -77,10 +79,7 @@ func (g *diskGuard) maintain() {
 	}
 	_, statErr := os.Stat(g.reservePath())
 	have := statErr == nil
-	switch {
-	case have && free < g.min/4:
-		_ = os.Remove(g.reservePath())
-	case !have && free > g.min+2*reserveBytes:
+	if !have && free > g.min+2*reserveBytes {
 		f, err := os.OpenFile(g.reservePath(), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 		if err != nil {
 			return
