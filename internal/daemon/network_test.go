@@ -747,7 +747,8 @@ func TestNetworkThroughPauseForkSnapshot(t *testing.T) {
 }
 
 // netCycles is how many create/delete cycles TestNetworkLeavesNothing
-// runs: PANDASTACK_NET_CYCLES, or 100.
+// runs: PANDASTACK_NET_CYCLES, or 200 (the number; about a minute
+// here).
 func netCycles(t *testing.T) int {
 	if v := os.Getenv("PANDASTACK_NET_CYCLES"); v != "" {
 		n, err := strconv.Atoi(v)
@@ -756,7 +757,7 @@ func netCycles(t *testing.T) int {
 		}
 		return n
 	}
-	return 100
+	return 200
 }
 
 // Deleting a networked sandbox leaves nothing: after create/delete cycles
