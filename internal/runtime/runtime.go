@@ -125,3 +125,38 @@ type MemoryWatcher interface {
 	// blocks until then.
 	WatchMemory(ctx context.Context, id string, limit int64, over func()) error
 }
+
+// Job is one command run to completion in a sandbox of its own whose root
+// filesystem is written in place: what it changes stays in RootfsDir (a
+// template build step). It has no network but loopback.
+type Job struct {
+	// ID is the job's sandbox id; the same rules as Spec.ID.
+	ID string
+	// RootfsDir is written in place, not through an overlay: the caller
+	// owns it (a build step's own directory) and keeps what the command
+	// leaves there.
+	RootfsDir string
+	// Args is the command's argv; Args[0] is resolved in the sandbox's PATH
+	// (from Env) when it has no slash.
+	Args []string
+	// Env is the command's whole environment (KEY=VALUE).
+	Env []string
+	// Cwd is the working directory inside the sandbox; it must exist.
+	Cwd string
+	// UID, GID and Groups are who the command runs as inside.
+	UID, GID uint32
+	Groups   []uint32
+	Limits   Limits
+	// Stdout and Stderr receive the command's output as it comes; nil
+	// discards it.
+	Stdout, Stderr io.Writer
+}
+
+// JobRunner is the optional capability to run Jobs.
+type JobRunner interface {
+	// RunJob runs the job and returns its exit status (128+n when killed
+	// by signal n). A non-zero status is not an error; an error means the
+	// job could not be run or was cancelled (ctx), and then its sandbox is
+	// gone when RunJob returns.
+	RunJob(ctx context.Context, job Job) (exitCode int, err error)
+}
