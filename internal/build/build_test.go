@@ -90,6 +90,23 @@ func (l *buildLog) text() string {
 	return sb.String()
 }
 
+// checkClean fails the test if a build left a step directory, an overlay
+// mount or a job sandbox's directory behind.
+func checkClean(t *testing.T, h *harness) {
+	t.Helper()
+	work := filepath.Join(h.dir, "cache", "work")
+	if ents, err := os.ReadDir(work); err != nil || len(ents) != 0 {
+		t.Errorf("step directories left in %s: %v %v", work, ents, err)
+	}
+	mi, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(mi), h.dir) {
+		t.Errorf("mounts left under %s", h.dir)
+	}
+}
+
 func writeFiles(t *testing.T, dir string, files map[string]string) {
 	t.Helper()
 	for name, body := range files {
@@ -241,6 +258,7 @@ func TestBuildFromTemplate(t *testing.T) {
 	if res2.Metadata.Key == md.Key {
 		t.Errorf("a different result has the same key")
 	}
+	checkClean(t, h)
 	t.Logf("first build %v, rebuild after changing the last line %v (%d of %d steps cached)", first, second, res2.Cached, res2.Steps)
 }
 
@@ -275,6 +293,7 @@ func TestBuildRunFails(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(h.dir, "out")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a failed build left its output: %v", err)
 	}
+	checkClean(t, h)
 }
 
 func TestBuildCancel(t *testing.T) {
@@ -303,4 +322,5 @@ func TestBuildCancel(t *testing.T) {
 	case <-time.After(90 * time.Second):
 		t.Fatal("a cancelled build did not stop")
 	}
+	checkClean(t, h)
 }
