@@ -846,7 +846,23 @@ func netCensus(t *testing.T, in *nettest.Internet, prefix string) string {
 	links := count("ip", "-n", dns, "-o", "link")
 	veths := countMatching("veth", "ip", "-n", dns, "-o", "-d", "link")
 	addrs := count("ip", "-n", dns, "-o", "addr")
-	routes := count("ip", "-n", dns, "-4", "route", "show", "table", "all") + count("ip", "-n", dns, "-6", "route", "show", "table", "all")
+	// Routes the kernel makes itself for addresses and interfaces (proto
+	// kernel: local, multicast, link-local) come and go with the links and
+	// addresses counted above, some of them late (after duplicate address
+	// detection, long after on a loaded machine); what a slot's teardown
+	// could leave on its own are the routes the daemon added.
+	routes := 0
+	for _, fam := range []string{"-4", "-6"} {
+		out, err := exec.Command("ip", "-n", dns, fam, "route", "show", "table", "all").CombinedOutput()
+		if err != nil {
+			t.Fatalf("listing routes: %v: %s", err, out)
+		}
+		for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			if l != "" && !strings.Contains(l, "proto kernel") {
+				routes++
+			}
+		}
+	}
 	nftLines := count("ip", "netns", "exec", dns, "nft", "list", "ruleset")
 	nftTables := count("ip", "netns", "exec", dns, "nft", "list", "tables")
 	nftSets := countMatching("\tset ", "ip", "netns", "exec", dns, "nft", "list", "sets")
