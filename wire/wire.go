@@ -182,12 +182,60 @@ const (
 	EventError  = "error"
 )
 
-// Template describes a template a sandbox can start from.
+// Template describes a template a sandbox can start from: a built-in one
+// (shared by every tenant) or one the tenant built from a Dockerfile.
 type Template struct {
-	Name        string   `json:"name"`
+	Name string `json:"name"`
+	// Tag is a built template's tag ("latest" unless the build named one);
+	// empty for built-in templates.
+	Tag string `json:"tag,omitempty"`
+	// Ref is what CreateSandboxRequest.Template takes: the name of a
+	// built-in template, "NAME:TAG" of a built one.
+	Ref         string   `json:"ref"`
 	Description string   `json:"description"`
 	Packages    []string `json:"packages"`
 	Ready       bool     `json:"ready"`
+	Builtin     bool     `json:"builtin"`
+	// Hash identifies the current build; sandboxes keep the build they
+	// were created from.
+	Hash string `json:"hash,omitempty"`
+	// Base is what a built template was built FROM.
+	Base string `json:"base,omitempty"`
+	// SizeBytes is a built template's root file system size.
+	SizeBytes int64      `json:"size_bytes,omitempty"`
+	BuiltAt   *time.Time `json:"built_at,omitempty"`
+	// Env, WorkingDir and User are the defaults of commands in its
+	// sandboxes (from the Dockerfile's ENV, WORKDIR and USER).
+	Env          []string `json:"env,omitempty"`
+	WorkingDir   string   `json:"working_dir,omitempty"`
+	User         string   `json:"user,omitempty"`
+	Cmd          []string `json:"cmd,omitempty"`
+	Entrypoint   []string `json:"entrypoint,omitempty"`
+	ExposedPorts []string `json:"exposed_ports,omitempty"`
+}
+
+// Template build event types (TemplateBuildEvent.Type), in the NDJSON
+// stream of POST /v1/templates.
+const (
+	BuildEventStep     = "step"     // a step begins: Step/Steps, Line, Instruction
+	BuildEventCached   = "cached"   // the step's result came from the cache
+	BuildEventOutput   = "output"   // output of a RUN step (Text)
+	BuildEventDone     = "done"     // the step finished (ElapsedMS)
+	BuildEventTemplate = "template" // last: the build succeeded (Template)
+	BuildEventError    = "error"    // last: the build failed (Error)
+)
+
+// TemplateBuildEvent is one line of a template build's NDJSON stream.
+type TemplateBuildEvent struct {
+	Type        string    `json:"type"`
+	Step        int       `json:"step,omitempty"`
+	Steps       int       `json:"steps,omitempty"`
+	Line        int       `json:"line,omitempty"`
+	Instruction string    `json:"instruction,omitempty"`
+	Text        string    `json:"text,omitempty"`
+	ElapsedMS   float64   `json:"elapsed_ms,omitempty"`
+	Template    *Template `json:"template,omitempty"`
+	Error       *Error    `json:"error,omitempty"`
 }
 
 // TemplateList is the body of GET /v1/templates.

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -44,8 +45,29 @@ func (fakeKeys) TenantForKey(_ context.Context, hash string) (string, error) {
 
 type fakeTemplates struct{}
 
-func (fakeTemplates) List() []wire.Template {
-	return []wire.Template{{Name: "base", Description: "test", Packages: []string{"curl"}, Ready: true}}
+func (fakeTemplates) List(ctx context.Context, tenant string) ([]wire.Template, error) {
+	return []wire.Template{{Name: "base", Ref: "base", Description: "test", Packages: []string{"curl"}, Ready: true, Builtin: true}}, nil
+}
+
+func (f fakeTemplates) Get(ctx context.Context, tenant, ref string) (wire.Template, error) {
+	if ref != "base" {
+		return wire.Template{}, errdefs.NotFound("template %q not found", ref)
+	}
+	l, _ := f.List(ctx, tenant)
+	return l[0], nil
+}
+
+func (fakeTemplates) Delete(ctx context.Context, tenant, ref string) error {
+	return errdefs.Conflict("%q is a built-in template", ref)
+}
+
+// Build reads the context and refuses it: the real builder is tested with
+// a real server (internal/daemon).
+func (fakeTemplates) Build(ctx context.Context, tenant string, req TemplateBuild, body io.Reader, emit func(wire.TemplateBuildEvent)) (wire.Template, error) {
+	if _, err := io.Copy(io.Discard, body); err != nil {
+		return wire.Template{}, err
+	}
+	return wire.Template{}, errdefs.Invalid("this test server builds nothing")
 }
 
 // fakeSandboxes knows one sandbox, knownID, of testTenant. Exec echoes the

@@ -50,11 +50,6 @@ type Sandboxes interface {
 	Networks
 }
 
-// Templates lists the server's templates.
-type Templates interface {
-	List() []wire.Template
-}
-
 // Keys resolves API keys (by their SHA-256 hash) to tenants.
 type Keys interface {
 	TenantForKey(ctx context.Context, hash string) (string, error)
@@ -133,7 +128,7 @@ func New(cfg Config) *Server {
 	}
 	s := &Server{cfg: cfg, mux: http.NewServeMux(), output: &byteBudget{max: cfg.MaxBufferedOutputBytes}, drainGrace: drainGrace}
 	s.route("GET /v1/health", false, s.health)
-	s.route("GET /v1/templates", true, s.listTemplates)
+	s.templateRoutes()
 	s.route("POST /v1/sandboxes", true, s.createSandbox)
 	s.route("GET /v1/sandboxes", true, s.listSandboxes)
 	s.route("GET /v1/sandboxes/{id}", true, s.getSandbox)
@@ -340,11 +335,6 @@ func jsonKind(c byte) string {
 
 func (s *Server) health(w http.ResponseWriter, r *http.Request, _ string) error {
 	writeJSON(w, http.StatusOK, wire.Health{Status: "ok", Version: s.cfg.Version, Runtime: s.cfg.Runtime, Network: s.cfg.Network, Domain: s.cfg.Domain})
-	return nil
-}
-
-func (s *Server) listTemplates(w http.ResponseWriter, r *http.Request, _ string) error {
-	writeJSON(w, http.StatusOK, wire.TemplateList{Templates: s.cfg.Templates.List()})
 	return nil
 }
 

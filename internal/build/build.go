@@ -158,6 +158,13 @@ type Options struct {
 	Log func(Event)
 	// NoCache rebuilds every step (the results still enter the cache).
 	NoCache bool
+	// NoHostPaths refuses FROM sources that are paths on this machine
+	// ("oci-layout:", "docker-archive:"): builds asked for over the API
+	// must not read the server's files.
+	NoHostPaths bool
+	// Templates, when set, resolves FROM names for this build instead of
+	// Config.Templates (a tenant's own templates).
+	Templates ResolveTemplate
 }
 
 // EventKind says what an Event reports.
@@ -451,7 +458,14 @@ func (bd *build) from(ctx context.Context) error {
 			return unsupported(in.Line, "FROM --platform=%s (only linux/amd64) is", p)
 		}
 	}
-	base, err := bd.b.resolveBase(ctx, ref)
+	if bd.opts.NoHostPaths && (strings.HasPrefix(ref, "oci-layout:") || strings.HasPrefix(ref, "docker-archive:")) {
+		return unsupported(in.Line, "FROM a path on the server is")
+	}
+	tpls := bd.b.cfg.Templates
+	if bd.opts.Templates != nil {
+		tpls = bd.opts.Templates
+	}
+	base, err := bd.b.resolveBase(ctx, ref, tpls)
 	if err != nil {
 		return &LineError{Line: in.Line, Err: fmt.Errorf("FROM %s: %w", ref, err)}
 	}
@@ -487,7 +501,7 @@ func (bd *build) from(ctx context.Context) error {
 
 // resolveBase resolves FROM: "oci-layout:DIR[:ref]", "docker-archive:FILE[:tag]",
 // a PandaStack template's name, else a registry reference.
-func (b *Builder) resolveBase(ctx context.Context, ref string) (baseInfo, error) {
+func (b *Builder) resolveBase(ctx context.Context, ref string, tpls ResolveTemplate) (baseInfo, error) {
 	switch {
 	case ref == "scratch":
 		return baseInfo{}, fmt.Errorf("FROM scratch is %w: a template needs /bin/sh", ErrUnsupported)
@@ -510,8 +524,8 @@ func (b *Builder) resolveBase(ctx context.Context, ref string) (baseInfo, error)
 		}
 		return b.imageBase(ctx, im)
 	}
-	if b.cfg.Templates != nil {
-		rootfs, hash, err := b.cfg.Templates(ctx, ref)
+	if tpls != nil {
+		rootfs, hash, err := tpls(ctx, ref)
 		if err == nil {
 			return baseInfo{id: "template:" + ref + "@" + hash, rootfs: rootfs}, nil
 		}

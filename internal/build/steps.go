@@ -416,7 +416,7 @@ func (bd *build) run(ctx context.Context, in Instruction, n int) error {
 		jctx, cancel := context.WithTimeout(ctx, bd.opts.StepTimeout)
 		defer cancel()
 		code, err := bd.b.cfg.Runner.RunJob(jctx, runtime.Job{
-			ID:        "build-" + randHex(8),
+			ID:        runtime.BuildJobPrefix + randHex(8),
 			RootfsDir: merged,
 			Args:      argv,
 			Env:       jobEnv,

@@ -24,7 +24,6 @@ import (
 	"github.com/pandastack/pandastack/internal/sandbox"
 	"github.com/pandastack/pandastack/internal/store"
 	"github.com/pandastack/pandastack/internal/template"
-	"github.com/pandastack/pandastack/wire"
 )
 
 // Defaults of the installed layout (scripts/install.sh).
@@ -114,18 +113,6 @@ func FindBinary(explicit, name string) (string, error) {
 	return "", fmt.Errorf("finding %s: not in %v nor on PATH (run scripts/install.sh)", name, cands)
 }
 
-// templateList adapts the template store to the API.
-type templateList struct{ s *template.Store }
-
-func (t templateList) List() []wire.Template {
-	var out []wire.Template
-	for _, d := range t.s.Definitions() {
-		_, err := t.s.Get(d.Name)
-		out = append(out, wire.Template{Name: d.Name, Description: d.Description, Packages: append([]string{}, d.Packages...), Ready: err == nil})
-	}
-	return out
-}
-
 // Run serves until ctx ends, then shuts down: in-flight requests get a
 // grace period, and every sandbox is destroyed.
 func Run(ctx context.Context, cfg Config) error {
@@ -203,6 +190,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := mgr.Start(ctx); err != nil {
 		return fmt.Errorf("starting sandbox manager: %w", err)
 	}
+	tsvc, err := newTemplates(ctx, cfg, runsc, tpls, st, log)
+	if err != nil {
+		return err
+	}
+	defer tsvc.close()
 	bgCtx, bgCancel := context.WithCancel(ctx)
 	defer bgCancel()
 	if cfg.BuildTemplates {
@@ -217,7 +209,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	srv := &http.Server{
 		Handler: api.New(api.Config{
-			Sandboxes: mgr, Templates: templateList{tpls}, Keys: st, Log: log,
+			Sandboxes: mgr, Templates: tsvc, Keys: st, Log: log,
 			Version: cfg.Version, Runtime: rt.Name(), MaxOutputBytes: cfg.MaxOutputBytes, Domain: cfg.Network.Domain, Network: nets != nil,
 			MaxConcurrentExecs: cfg.MaxConcurrentExecs, MaxBufferedOutputBytes: cfg.MaxBufferedOutputBytes,
 		}),

@@ -202,6 +202,13 @@ func TestOpenAPIResponses(t *testing.T) {
 	}{
 		{"GET", "/v1/health", "/v1/health", nil, ""},
 		{"GET", "/v1/templates", "/v1/templates", nil, ""},
+		{"GET", "/v1/templates/base", "/v1/templates/{name}", nil, ""},
+		{"GET", "/v1/templates/nope:v1", "/v1/templates/{name}", nil, ""},
+		{"GET", "/v1/templates/Not!Valid", "/v1/templates/{name}", nil, ""},
+		{"DELETE", "/v1/templates/base", "/v1/templates/{name}", nil, ""},
+		{"DELETE", "/v1/templates/nope", "/v1/templates/{name}", nil, ""},
+		{"POST", "/v1/templates?name=empty", "/v1/templates", nil, ""},
+		{"POST", "/v1/templates", "/v1/templates", nil, ""},
 		{"POST", "/v1/sandboxes", "/v1/sandboxes", `{"template":"nope"}`, ""},
 		{"POST", "/v1/sandboxes", "/v1/sandboxes", `{"ttl_seconds":-1}`, ""},
 		{"GET", "/v1/sandboxes", "/v1/sandboxes", nil, ""},

@@ -567,3 +567,25 @@ func utimes(dirfd int, name string, atime, mtime time.Time) error {
 	ts := []unix.Timespec{timespec(atime), timespec(mtime)}
 	return unix.UtimesNanoAt(dirfd, name, ts, unix.AT_SYMLINK_NOFOLLOW)
 }
+
+// UnpackTar unpacks one tar archive read from r (a build context) into dst
+// under the rules and limits of Unpack: it is one layer of an image.
+func UnpackTar(ctx context.Context, r io.Reader, dst string, lim Limits) (Result, error) {
+	return Unpack(ctx, tarImage{r: r}, dst, lim)
+}
+
+// tarImage is an image of one layer read from a stream; Unpack asks it for
+// nothing but its layers, and the layer for nothing but its content.
+type tarImage struct {
+	v1.Image
+	r io.Reader
+}
+
+func (t tarImage) Layers() ([]v1.Layer, error) { return []v1.Layer{tarLayer{r: t.r}}, nil }
+
+type tarLayer struct {
+	v1.Layer
+	r io.Reader
+}
+
+func (l tarLayer) Uncompressed() (io.ReadCloser, error) { return io.NopCloser(l.r), nil }

@@ -152,6 +152,10 @@ type Job struct {
 	Stdout, Stderr io.Writer
 }
 
+// BuildJobPrefix starts the ids of template builds' jobs (package build),
+// so that whoever reconciles a runtime's sandboxes leaves them alone.
+const BuildJobPrefix = "build-"
+
 // JobRunner is the optional capability to run Jobs.
 type JobRunner interface {
 	// RunJob runs the job and returns its exit status (128+n when killed

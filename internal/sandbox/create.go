@@ -198,7 +198,7 @@ func (m *Manager) params(req wire.CreateSandboxRequest) (params, error) {
 // that hangs up before the sandbox runs gets nothing: the sandbox is undone,
 // since nobody would know its id.
 func (m *Manager) launch(ctx context.Context, tenant string, p params, image string) (wire.Sandbox, error) {
-	tpl, err := m.templates.Get(p.template)
+	tpl, err := m.templates.Resolve(tenant, p.template)
 	if p.restore {
 		tpl, err = m.templates.GetBuild(p.template, p.templateHash)
 	}
@@ -383,7 +383,7 @@ func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
 		RootfsDir: tpl.Rootfs,
 		Init:      []string{agentPath},
 		Binds:     binds,
-		Env:       append(append([]string{}, baseEnv...), envList(r.Env)...),
+		Env:       mergeEnvList(baseEnv, tpl.Defaults.Env, envList(r.Env)),
 		Limits: runtime.Limits{
 			CPU: r.CPU,
 			// The hard limit sits above the promised one: at memory_mb
@@ -396,6 +396,50 @@ func (m *Manager) spec(r store.Sandbox) (runtime.Spec, error) {
 			ShmBytes:    shm,
 		},
 	}, nil
+}
+
+// mergeEnvList merges KEY=VALUE lists, later lists winning, keeping the
+// order keys were first met.
+func mergeEnvList(lists ...[]string) []string {
+	var out []string
+	at := map[string]int{}
+	for _, l := range lists {
+		for _, kv := range l {
+			k, _, _ := strings.Cut(kv, "=")
+			if i, ok := at[k]; ok {
+				out[i] = kv
+				continue
+			}
+			at[k] = len(out)
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
+// envMap turns a KEY=VALUE list into a map.
+func envMap(l []string) map[string]string {
+	out := make(map[string]string, len(l))
+	for _, kv := range l {
+		k, v, _ := strings.Cut(kv, "=")
+		out[k] = v
+	}
+	return out
+}
+
+// commandDefaults are what a call in the sandbox runs with when it does not
+// say: the environment (its template's under the sandbox's own, under the
+// call's), the working directory and the user. The caller holds in.mu.
+func (m *Manager) commandDefaults(in *instance, env map[string]string, cwd, user string) (map[string]string, string, string) {
+	d := m.templates.Defaults(in.rec.Template, in.rec.TemplateHash)
+	e := mergeMaps(envMap(d.Env), mergeMaps(in.rec.Env, env))
+	if cwd == "" {
+		cwd = d.WorkingDir
+	}
+	if user == "" && d.User != "" && userName.MatchString(d.User) {
+		user = d.User
+	}
+	return e, cwd, in.user(user)
 }
 
 func mergeMaps(a, b map[string]string) map[string]string {

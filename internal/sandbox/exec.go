@@ -37,8 +37,8 @@ func (m *Manager) Exec(ctx context.Context, tenant, id string, req wire.ExecRequ
 	in.mu.Lock()
 	// The sandbox's own env applies to every command, also after a restore
 	// whose agent started with another sandbox's environment.
-	areq.Env = envList(mergeMaps(in.rec.Env, req.Env))
-	areq.User = in.user(req.User)
+	env, cwd, user := m.commandDefaults(in, req.Env, req.Cwd, req.User)
+	areq.Env, areq.Cwd, areq.User = envList(env), cwd, user
 	in.mu.Unlock()
 	if err := checkFrameSize(areq); err != nil {
 		return wire.ExecResult{}, err

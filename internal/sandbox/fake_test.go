@@ -303,6 +303,10 @@ type fakeTemplates struct{ tpl template.Template }
 
 func (f fakeTemplates) GetBuild(name, hash string) (template.Template, error) { return f.Get(name) }
 
+func (f fakeTemplates) Resolve(tenant, name string) (template.Template, error) { return f.Get(name) }
+
+func (f fakeTemplates) Defaults(name, hash string) template.Defaults { return f.tpl.Defaults }
+
 func (f fakeTemplates) Get(name string) (template.Template, error) {
 	if name != f.tpl.Name {
 		return template.Template{}, fmt.Errorf("template %q: %w", name, os.ErrNotExist)

@@ -168,6 +168,13 @@ type Templates interface {
 	// GetBuild returns a given build of a template ("" for the legacy
 	// one): restores need the build their image was made from.
 	GetBuild(name, hash string) (template.Template, error)
+	// Resolve returns the current build of the template a tenant's
+	// reference names: a built-in template, or the tenant's own built one
+	// (another tenant's is not found).
+	Resolve(tenant, ref string) (template.Template, error)
+	// Defaults returns what a template build sets for commands in its
+	// sandboxes (environment, working directory, user).
+	Defaults(name, hash string) template.Defaults
 }
 
 // Store persists sandbox and snapshot records.

@@ -78,8 +78,8 @@ func (m *Manager) StartProcess(ctx context.Context, tenant, id string, req wire.
 	}
 	defer release()
 	in.mu.Lock()
-	areq.Env = envList(mergeMaps(in.rec.Env, req.Env))
-	areq.User = in.user(req.User)
+	env, cwd, user := m.commandDefaults(in, req.Env, req.Cwd, req.User)
+	areq.Env, areq.Cwd, areq.User = envList(env), cwd, user
 	in.mu.Unlock()
 	if err := checkArgsSize(agent.OpProcessStart, areq); err != nil {
 		return wire.Process{}, err
@@ -361,7 +361,8 @@ func (m *Manager) StartLoginShell(ctx context.Context, tenant, id, user string, 
 	}
 	defer release()
 	in.mu.Lock()
-	areq := agent.ProcessStart{Login: true, PTY: &ts, Stdin: true, Env: envList(in.rec.Env), User: in.user(user), Tag: "terminal"}
+	env, cwd, user := m.commandDefaults(in, nil, "", user)
+	areq := agent.ProcessStart{Login: true, PTY: &ts, Stdin: true, Env: envList(env), Cwd: cwd, User: user, Tag: "terminal"}
 	in.mu.Unlock()
 	info, err := client.StartProcess(ctx, areq)
 	if err != nil {

@@ -98,7 +98,10 @@ func (m *Manager) Start(ctx context.Context) error {
 		known[r.ID] = true
 	}
 	for _, id := range ids {
-		if !known[id] {
+		// Template builds' RUN jobs (package build) are not sandboxes:
+		// a build in progress owns them, and the daemon gives builds a
+		// runtime of their own; never delete one found here.
+		if !known[id] && !strings.HasPrefix(id, runtime.BuildJobPrefix) {
 			m.deleteLeftover(ctx, id, "sandbox left by an earlier run")
 		}
 	}

@@ -106,6 +106,11 @@ type Template struct {
 	Hash string
 	// Rootfs is the root filesystem's directory on the host.
 	Rootfs string
+	// Defaults are what a built template sets for commands (none for the
+	// built-in templates).
+	Defaults Defaults
+	// Built says it is a Dockerfile build, not a built-in template.
+	Built bool
 }
 
 // Store keeps built templates under one directory. It is safe for
@@ -117,6 +122,12 @@ type Store struct {
 	defs   map[string]Definition
 
 	buildMu sync.Mutex // serialises builds: two mmdebstraps would only compete
+
+	// Built templates (built.go), when EnableBuilt was called.
+	builtMu   sync.Mutex
+	builtDir  string
+	built     []BuiltEntry
+	builtMeta map[string]Metadata // by key
 }
 
 // NewStore returns a store for the given definitions under dir.
@@ -167,11 +178,13 @@ func (s *Store) Get(name string) (Template, error) {
 // GetBuild returns the build of the template with the given hash: the one
 // a sandbox was made from, which its restores need, whether or not the
 // definition has changed since. Builds are never removed while the server
-// runs. An empty hash means the legacy build (LegacyHash).
+// runs. An empty hash means the legacy build (LegacyHash). For a built
+// template (built.go), name is its reference and hash its build's key.
 func (s *Store) GetBuild(name, hash string) (Template, error) {
 	d, ok := s.defs[name]
 	if !ok {
-		return Template{}, errdefs.NotFound("template %q not found", name)
+		// A built template: the hash is its build's key.
+		return s.builtTemplate(name, hash)
 	}
 	if hash == "" {
 		hash = d.LegacyHash()
