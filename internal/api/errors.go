@@ -124,6 +124,8 @@ func isOnly(e, target error) bool {
 type requestInfo struct {
 	id   string
 	body *trackedBody
+	// keyID names the API key that authenticated the request (KeyID).
+	keyID string
 }
 
 type requestInfoKey struct{}
@@ -150,6 +152,7 @@ func newRequestID() string {
 func (s *Server) describe(r *http.Request, tenant string, err error) (int, wire.Error) {
 	status, e := classify(err)
 	e.RequestID = infoOf(r).id
+	s.cfg.Metrics.Error(e.Code)
 	attrs := []any{"request_id", e.RequestID, "method", r.Method, "path", r.URL.Path, "tenant", tenant, "err", err.Error()}
 	switch {
 	case status >= 500 && errors.Is(r.Context().Err(), context.Canceled):

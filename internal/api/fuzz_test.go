@@ -428,6 +428,12 @@ func (f *fakeSandboxes) Pause(_ context.Context, tenant, id string) (wire.Sandbo
 func (f *fakeSandboxes) Resume(_ context.Context, tenant, id string) (wire.Sandbox, error) {
 	return f.sandbox(tenant, id)
 }
+func (f *fakeSandboxes) Metrics(_ context.Context, tenant, id string) (wire.SandboxMetrics, error) {
+	if _, err := f.sandbox(tenant, id); err != nil {
+		return wire.SandboxMetrics{}, err
+	}
+	return wire.SandboxMetrics{SandboxID: id, Samples: []wire.MetricsSample{}}, nil
+}
 func (f *fakeSandboxes) SetNetwork(_ context.Context, tenant, id string, _ wire.Network) (wire.Sandbox, error) {
 	return f.sandbox(tenant, id)
 }

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/pandastack/pandastack/internal/errdefs"
+	"github.com/pandastack/pandastack/internal/metrics"
 	"github.com/pandastack/pandastack/internal/sandbox"
 	"github.com/pandastack/pandastack/wire"
 )
@@ -40,6 +41,8 @@ type Sandboxes interface {
 	Fork(ctx context.Context, tenant, id string, req wire.ForkRequest) ([]wire.Sandbox, error)
 	Pause(ctx context.Context, tenant, id string) (wire.Sandbox, error)
 	Resume(ctx context.Context, tenant, id string) (wire.Sandbox, error)
+	// Metrics returns a sandbox's recent usage samples.
+	Metrics(ctx context.Context, tenant, id string) (wire.SandboxMetrics, error)
 	// Background processes and terminals (process.go).
 	Processes
 	// Code contexts and cells in them (code.go).
@@ -85,6 +88,11 @@ type Config struct {
 	// BodyReadTimeout is how long a JSON request body may take to
 	// arrive; 30 s when zero.
 	BodyReadTimeout time.Duration
+	// Metrics, when set, gets the latency of sandbox operations and the
+	// error answers by code (observe.go).
+	Metrics *metrics.Metrics
+	// Audit, when set, records tenants' actions and serves GET /v1/audit.
+	Audit Audit
 }
 
 // Server serves the API. Create it with New.
@@ -104,6 +112,15 @@ type Server struct {
 func HashKey(key string) string {
 	h := sha256.Sum256([]byte(key))
 	return hex.EncodeToString(h[:])
+}
+
+// KeyID is how the audit log names a key: the first 12 hex digits of its
+// stored hash, which tells keys apart without revealing any of them.
+func KeyID(hash string) string {
+	if len(hash) > 12 {
+		return hash[:12]
+	}
+	return hash
 }
 
 // New returns a Server with every route registered.
@@ -126,6 +143,9 @@ func New(cfg Config) *Server {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Sandboxes != nil && (cfg.Metrics != nil || cfg.Audit != nil) {
+		cfg.Sandboxes = &observed{Sandboxes: cfg.Sandboxes, metrics: cfg.Metrics, audit: cfg.Audit, log: cfg.Log}
+	}
 	s := &Server{cfg: cfg, mux: http.NewServeMux(), output: &byteBudget{max: cfg.MaxBufferedOutputBytes}, drainGrace: drainGrace}
 	s.route("GET /v1/health", false, s.health)
 	s.templateRoutes()
@@ -139,6 +159,8 @@ func New(cfg Config) *Server {
 	s.route("POST /v1/sandboxes/{id}/fork", true, s.fork)
 	s.route("POST /v1/sandboxes/{id}/pause", true, s.pause)
 	s.route("POST /v1/sandboxes/{id}/resume", true, s.resume)
+	s.route("GET /v1/sandboxes/{id}/metrics", true, s.sandboxMetrics)
+	s.route("GET /v1/audit", true, s.listAudit)
 	s.route("GET /v1/snapshots", true, s.listSnapshots)
 	s.route("GET /v1/snapshots/{id}", true, s.getSnapshot)
 	s.route("DELETE /v1/snapshots/{id}", true, s.deleteSnapshot)
@@ -234,13 +256,15 @@ func (s *Server) authenticate(r *http.Request) (string, error) {
 	if !ok || key == "" {
 		return "", errdefs.New(errdefs.ErrUnauthorized, "missing API key: send Authorization: Bearer <key>")
 	}
-	tenant, err := s.cfg.Keys.TenantForKey(r.Context(), HashKey(strings.TrimSpace(key)))
+	hash := HashKey(strings.TrimSpace(key))
+	tenant, err := s.cfg.Keys.TenantForKey(r.Context(), hash)
 	if errors.Is(err, errdefs.ErrNotFound) {
 		return "", errdefs.New(errdefs.ErrUnauthorized, "invalid API key")
 	}
 	if err != nil {
 		return "", err
 	}
+	infoOf(r).keyID = KeyID(hash)
 	return tenant, nil
 }
 

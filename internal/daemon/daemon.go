@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/pandastack/pandastack/internal/api"
+	"github.com/pandastack/pandastack/internal/metrics"
 	"github.com/pandastack/pandastack/internal/network"
 	"github.com/pandastack/pandastack/internal/runtime/gvisor"
 	"github.com/pandastack/pandastack/internal/sandbox"
@@ -66,6 +67,12 @@ type Config struct {
 	// Ready, when set, is called with the listening address once the
 	// server accepts requests.
 	Ready func(addr string)
+	// MetricsListen is where GET /metrics is served (unauthenticated:
+	// keep it on loopback or a private network); "" serves none.
+	MetricsListen string
+	// MetricsReady, when set, is called with the metrics listener's
+	// address once it accepts requests.
+	MetricsReady func(addr string)
 }
 
 // NetworkConfig configures sandbox networking.
@@ -162,7 +169,8 @@ func Run(ctx context.Context, cfg Config) error {
 			cfg.Sandbox.PoolTemplates = append(cfg.Sandbox.PoolTemplates, d.Name)
 		}
 	}
-	rt, err := gvisor.New(gvisor.Config{Runsc: runsc, StateDir: filepath.Join(cfg.DataDir, "runtime"), CgroupParent: cfg.CgroupParent, Log: log})
+	mx := metrics.New()
+	rt, err := gvisor.New(gvisor.Config{Runsc: runsc, StateDir: filepath.Join(cfg.DataDir, "runtime"), CgroupParent: cfg.CgroupParent, Log: log, OnFailure: mx.RunscFailure})
 	if err != nil {
 		return err
 	}
@@ -182,19 +190,20 @@ func Run(ctx context.Context, cfg Config) error {
 			nets = n
 		}
 	}
-	mgr := sandbox.NewManager(sandbox.Options{
-		Config: cfg.Sandbox, Runtime: rt, Store: st, Templates: tpls, AgentBinary: agentBin, Log: log,
-		StateDir: cfg.DataDir, Network: nets,
-	})
-	st.OnFull(mgr.ReleaseDiskReserve)
-	if err := mgr.Start(ctx); err != nil {
-		return fmt.Errorf("starting sandbox manager: %w", err)
-	}
 	tsvc, err := newTemplates(ctx, cfg, runsc, tpls, st, log)
 	if err != nil {
 		return err
 	}
 	defer tsvc.close()
+	mgr := sandbox.NewManager(sandbox.Options{
+		Config: cfg.Sandbox, Runtime: rt, Store: st, Templates: tpls, AgentBinary: agentBin, Log: log,
+		StateDir: cfg.DataDir, Network: nets,
+	})
+	st.OnFull(mgr.ReleaseDiskReserve)
+	mx.RegisterCensus(census(mgr), metrics.Host{DataDir: cfg.DataDir})
+	if err := mgr.Start(ctx); err != nil {
+		return fmt.Errorf("starting sandbox manager: %w", err)
+	}
 	bgCtx, bgCancel := context.WithCancel(ctx)
 	defer bgCancel()
 	if cfg.BuildTemplates {
@@ -212,6 +221,7 @@ func Run(ctx context.Context, cfg Config) error {
 			Sandboxes: mgr, Templates: tsvc, Keys: st, Log: log,
 			Version: cfg.Version, Runtime: rt.Name(), MaxOutputBytes: cfg.MaxOutputBytes, Domain: cfg.Network.Domain, Network: nets != nil,
 			MaxConcurrentExecs: cfg.MaxConcurrentExecs, MaxBufferedOutputBytes: cfg.MaxBufferedOutputBytes,
+			Metrics: mx, Audit: st,
 		}),
 		// No ReadTimeout or WriteTimeout: an exec stream may rightly last
 		// an hour. Request bodies get their own deadline in the API, and
@@ -227,6 +237,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		_ = mgr.Close(context.Background())
 		return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
+	}
+	if err := serveMetrics(bgCtx, cfg, mx, log); err != nil {
+		ln.Close()
+		_ = mgr.Close(context.Background())
+		return err
 	}
 	log.Info("pandastack serving", "addr", ln.Addr().String(), "data", cfg.DataDir, "runsc", runsc)
 	if cfg.Ready != nil {

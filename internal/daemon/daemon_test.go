@@ -316,6 +316,7 @@ func TestTenantsAreIsolated(t *testing.T) {
 		"POST /v1/sandboxes/{id}/fork":     wire.ForkRequest{Count: 1},
 		"POST /v1/sandboxes/{id}/pause":    nil,
 		"POST /v1/sandboxes/{id}/resume":   nil,
+		"GET /v1/sandboxes/{id}/metrics":   nil,
 		"PUT /v1/sandboxes/{id}/network":   wire.Network{Internet: true},
 		// Exposed ports: every method passes through.
 		"GET /v1/sandboxes/{id}/ports/{port}/{path...}":     nil,
@@ -404,6 +405,20 @@ func TestTenantsAreIsolated(t *testing.T) {
 	attempt("POST", "/v1/sandboxes", wire.CreateSandboxRequest{SnapshotID: snap.ID})
 
 	// The other tenant sees nothing and made nothing.
+	// Its audit log holds only its own refused attempts, none of the
+	// owner's actions.
+	for _, path := range []string{"/v1/audit?limit=1000", "/v1/audit?limit=1000&sandbox=" + running.ID} {
+		resp, b := other.Do(t, "GET", path, nil)
+		var l wire.AuditList
+		if resp.StatusCode != 200 || json.Unmarshal(b, &l) != nil {
+			t.Fatalf("other tenant GET %s: %d %s", path, resp.StatusCode, b)
+		}
+		for _, e := range l.Entries {
+			if e.KeyID != api.KeyID(api.HashKey(other.Key)) || e.Outcome != "not_found" {
+				t.Errorf("other tenant's audit shows %+v", e)
+			}
+		}
+	}
 	for _, path := range []string{"/v1/sandboxes", "/v1/snapshots"} {
 		resp, b := other.Do(t, "GET", path, nil)
 		if resp.StatusCode != 200 || (!strings.Contains(string(b), `"sandboxes":[]`) && !strings.Contains(string(b), `"snapshots":[]`)) {

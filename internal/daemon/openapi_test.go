@@ -218,6 +218,10 @@ func TestOpenAPIResponses(t *testing.T) {
 		{"POST", "/v1/sandboxes/" + sb.ID + "/exec", "/v1/sandboxes/{id}/exec", wire.ExecRequest{Cmd: "echo hi; echo err >&2"}, ""},
 		{"POST", "/v1/sandboxes/" + sb.ID + "/exec", "/v1/sandboxes/{id}/exec", wire.ExecRequest{Cmd: "echo hi; echo err >&2"}, "application/x-ndjson"},
 		{"POST", "/v1/sandboxes/" + sb.ID + "/exec", "/v1/sandboxes/{id}/exec", `{}`, ""},
+		{"GET", "/v1/sandboxes/" + sb.ID + "/metrics", "/v1/sandboxes/{id}/metrics", nil, ""},
+		{"GET", "/v1/sandboxes/sb-0000000000000000/metrics", "/v1/sandboxes/{id}/metrics", nil, ""},
+		{"GET", "/v1/audit", "/v1/audit", nil, ""},
+		{"GET", "/v1/audit?action=nope", "/v1/audit", nil, ""},
 		{"DELETE", "/v1/sandboxes/" + sb.ID, "/v1/sandboxes/{id}", nil, ""},
 		{"DELETE", "/v1/sandboxes/" + sb.ID, "/v1/sandboxes/{id}", nil, ""},
 	}

@@ -33,6 +33,8 @@ type Server struct {
 	DataDir  string
 	// CgroupParent is the cgroup under which its sandboxes get theirs.
 	CgroupParent string
+	// MetricsURL is where its /metrics is served (http://host:port).
+	MetricsURL string
 }
 
 // Start starts a server; mut may adjust its configuration. The server and
@@ -43,6 +45,7 @@ func Start(t testing.TB, mut func(*daemon.Config)) *Server {
 	testenv.Template(t, "base")
 	dataDir := t.TempDir()
 	addrc := make(chan string, 1)
+	metricsAddr := make(chan string, 1)
 	var logs bytes.Buffer
 	logw := &syncWriter{w: &logs}
 	cfg := daemon.Config{
@@ -53,6 +56,9 @@ func Start(t testing.TB, mut func(*daemon.Config)) *Server {
 		Sandbox:      testSandboxConfig(),
 		Log:          slog.New(slog.NewTextHandler(logw, nil)),
 		Ready:        func(a string) { addrc <- a },
+		// Its own loopback port, so tests can scrape it.
+		MetricsListen: "127.0.0.1:0",
+		MetricsReady:  func(a string) { metricsAddr <- a },
 	}
 	if mut != nil {
 		mut(&cfg)
@@ -94,7 +100,13 @@ func Start(t testing.TB, mut func(*daemon.Config)) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Server{URL: "http://" + addr, Key: strings.TrimSpace(string(key)), DataDir: cfg.DataDir, CgroupParent: cfg.CgroupParent}
+	srv := &Server{URL: "http://" + addr, Key: strings.TrimSpace(string(key)), DataDir: cfg.DataDir, CgroupParent: cfg.CgroupParent}
+	select {
+	case a := <-metricsAddr:
+		srv.MetricsURL = "http://" + a
+	default: // a test turned metrics off
+	}
+	return srv
 }
 
 // testSandboxConfig is the server's own default configuration (`serve`
@@ -106,6 +118,8 @@ func testSandboxConfig() sandbox.Config {
 	c := sandbox.DefaultConfig()
 	c.ReapInterval = 200 * time.Millisecond
 	c.PoolTemplates = []string{"base"}
+	// Samples often enough for tests to see usage change.
+	c.MetricsInterval = 250 * time.Millisecond
 	return c
 }
 
@@ -201,7 +215,7 @@ func (s *Server) WithTenant(t testing.TB, tenant string) *Server {
 	if err := st.AddAPIKey(context.Background(), api.HashKey(key), tenant); err != nil {
 		t.Fatal(err)
 	}
-	return &Server{URL: s.URL, Key: key, DataDir: s.DataDir, CgroupParent: s.CgroupParent}
+	return &Server{URL: s.URL, Key: key, DataDir: s.DataDir, CgroupParent: s.CgroupParent, MetricsURL: s.MetricsURL}
 }
 
 // Client returns a Go SDK client for the server.

@@ -164,3 +164,21 @@ type JobRunner interface {
 	// gone when RunJob returns.
 	RunJob(ctx context.Context, job Job) (exitCode int, err error)
 }
+
+// Usage is what a sandbox uses at one moment, as the host sees it.
+type Usage struct {
+	// CPUSeconds is the CPU time its processes have used since it
+	// started (host CPU, the sandbox's kernel included).
+	CPUSeconds float64
+	// MemoryBytes is the memory its processes use (not caches the host
+	// can reclaim).
+	MemoryBytes int64
+	// DiskBytes is the host disk its writable layer takes.
+	DiskBytes int64
+}
+
+// UsageReader is the optional capability to read what a sandbox uses.
+type UsageReader interface {
+	// Usage returns the sandbox's usage now; an error when it is gone.
+	Usage(ctx context.Context, id string) (Usage, error)
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -216,6 +217,11 @@ func (m *Manager) launch(ctx context.Context, tenant string, p params, image str
 	var warm *pooled
 	if image == "" && m.cfg.PoolSize > 0 && defaults {
 		warm = m.takePooled(tpl.Name)
+		if warm == nil && slices.Contains(m.cfg.PoolTemplates, tpl.Name) {
+			m.poolMu.Lock()
+			m.poolMisses++
+			m.poolMu.Unlock()
+		}
 	}
 	if warm == nil && image == "" && m.cfg.TemplateSnapshots && defaults {
 		image, _ = m.templateImage(ctx, tpl)

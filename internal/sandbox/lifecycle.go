@@ -113,6 +113,8 @@ type instance struct {
 	retryAt time.Time
 	// ended is closed once the sandbox has ended.
 	ended chan struct{}
+	// samples are its recent usage samples, oldest first (usage.go).
+	samples []wire.MetricsSample
 }
 
 func newInstance(id, tenant string, rec store.Sandbox, p phase) *instance {

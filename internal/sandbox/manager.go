@@ -97,6 +97,13 @@ type Config struct {
 	// snapshots, forks and creates leave untouched: below it they are
 	// refused, so the store always has room to write.
 	MinFreeDiskMB int
+	// MetricsInterval is how often each running sandbox's usage is
+	// sampled; MetricsSamples how many samples are kept per sandbox.
+	MetricsInterval time.Duration
+	MetricsSamples  int
+	// AuditRetention is how long audit entries are kept; the reaper
+	// deletes older ones. Zero keeps them 30 days.
+	AuditRetention time.Duration
 }
 
 // DefaultConfig returns the built-in defaults.
@@ -121,6 +128,9 @@ func DefaultConfig() Config {
 		PauseGiveUp:        10 * time.Minute,
 		MaxStoredMB:        50 << 10,
 		MinFreeDiskMB:      1024,
+		MetricsInterval:    5 * time.Second,
+		MetricsSamples:     120,
+		AuditRetention:     30 * 24 * time.Hour,
 		// Not filled in by withDefaults: zero means no pool.
 		PoolSize: 2,
 	}
@@ -136,6 +146,7 @@ func (c Config) withDefaults() Config {
 		{&c.CheckpointTimeout, &d.CheckpointTimeout},
 		{&c.PausedTTL, &d.PausedTTL}, {&c.SnapshotTTL, &d.SnapshotTTL},
 		{&c.PauseRetry, &d.PauseRetry}, {&c.PauseGiveUp, &d.PauseGiveUp},
+		{&c.MetricsInterval, &d.MetricsInterval}, {&c.AuditRetention, &d.AuditRetention},
 	} {
 		if *p.v == 0 {
 			*p.v = *p.dv
@@ -147,6 +158,7 @@ func (c Config) withDefaults() Config {
 		{&c.MaxDiskMB, &d.MaxDiskMB}, {&c.MaxPids, &d.MaxPids},
 		{&c.MaxOutputBytes, &d.MaxOutputBytes}, {&c.MaxExecsPerSandbox, &d.MaxExecsPerSandbox},
 		{&c.MaxStoredMB, &d.MaxStoredMB}, {&c.MinFreeDiskMB, &d.MinFreeDiskMB},
+		{&c.MetricsSamples, &d.MetricsSamples},
 	} {
 		if *p.v == 0 {
 			*p.v = *p.dv
@@ -238,8 +250,10 @@ type Manager struct {
 	// pool holds warm sandboxes per template name.
 	pool     map[string][]*pooled
 	poolKick chan struct{}
-	// poolHits counts creates served from the warm pool.
-	poolHits int
+	// poolHits counts creates served from the warm pool; poolMisses
+	// creates that could have been and found none ready.
+	poolHits   int
+	poolMisses int
 }
 
 // Options wires a Manager.

@@ -20,6 +20,8 @@ func (m *Manager) reaper(ctx context.Context) {
 	t := time.NewTicker(m.cfg.ReapInterval)
 	defer t.Stop()
 	lastPrune := m.now()
+	var lastAudit time.Time
+	auditPruner, _ := m.store.(AuditPruner)
 	for {
 		select {
 		case <-ctx.Done():
@@ -30,6 +32,12 @@ func (m *Manager) reaper(ctx context.Context) {
 		m.reapSandboxes(ctx, now)
 		m.expireSnapshots(ctx, now)
 		m.disk.maintain()
+		if auditPruner != nil && now.Sub(lastAudit) >= min(m.cfg.AuditRetention/10, time.Minute) {
+			lastAudit = now
+			if _, err := auditPruner.PruneAudit(ctx, now.Add(-m.cfg.AuditRetention)); err != nil {
+				m.log.Error("pruning the audit log", "err", err)
+			}
+		}
 		if now.Sub(lastPrune) > pruneEvery {
 			lastPrune = now
 			if _, err := m.store.PruneEnded(ctx, now.Add(-24*time.Hour)); err != nil {
@@ -37,6 +45,13 @@ func (m *Manager) reaper(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// AuditPruner is the optional capability of a Store to delete audit
+// entries older than before; the reaper uses it to keep the audit log to
+// AuditRetention.
+type AuditPruner interface {
+	PruneAudit(ctx context.Context, before time.Time) (int64, error)
 }
 
 // due reports whether the sandbox has reached the end of its running or

@@ -120,6 +120,8 @@ func (m *Manager) Start(ctx context.Context) error {
 	m.bgCtx = rctx
 	m.reaperWG.Add(1)
 	go m.reaper(rctx)
+	m.reaperWG.Add(1)
+	go m.sampler(rctx)
 	if m.cfg.PoolSize > 0 {
 		m.reaperWG.Add(1)
 		go m.refillPools(rctx)

@@ -119,6 +119,25 @@ ALTER TABLE sandboxes ADD COLUMN net_slot INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sandboxes ADD COLUMN access_token TEXT NOT NULL DEFAULT '';
 ALTER TABLE snapshots ADD COLUMN network TEXT NOT NULL DEFAULT '';
 `,
+	// 8: the audit log (audit.go).
+	`
+CREATE TABLE audit (
+	id          INTEGER PRIMARY KEY AUTOINCREMENT,
+	at          INTEGER NOT NULL,
+	tenant      TEXT NOT NULL,
+	key_id      TEXT NOT NULL DEFAULT '',
+	request_id  TEXT NOT NULL DEFAULT '',
+	action      TEXT NOT NULL,
+	sandbox_id  TEXT NOT NULL DEFAULT '',
+	target      TEXT NOT NULL DEFAULT '',
+	command     TEXT NOT NULL DEFAULT '',
+	exit_code   INTEGER,
+	duration_ms INTEGER NOT NULL DEFAULT 0,
+	outcome     TEXT NOT NULL
+);
+CREATE INDEX audit_tenant_id ON audit(tenant, id);
+CREATE INDEX audit_at ON audit(at);
+`,
 }
 
 // Open opens (creating if needed) the database at path.

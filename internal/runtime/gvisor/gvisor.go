@@ -41,6 +41,10 @@ type Config struct {
 	// cgroup; "/pandastack" when empty.
 	CgroupParent string
 	Log          *slog.Logger
+	// OnFailure, when set, is told of each runsc command that failed
+	// (by subcommand: run, restore, checkpoint, delete, list), for the
+	// daemon's metrics.
+	OnFailure func(command string)
 }
 
 // Runtime drives runsc. It is safe for concurrent use on different ids.
@@ -80,6 +84,13 @@ func New(cfg Config) (*Runtime, error) {
 	// that an earlier one left running must not change it any more.
 	r.stopStaleCommands()
 	return r, nil
+}
+
+// failed reports a failed runsc command to OnFailure.
+func (r *Runtime) failed(command string) {
+	if r.cfg.OnFailure != nil {
+		r.cfg.OnFailure(command)
+	}
 }
 
 // Name implements runtime.Runtime.
@@ -155,6 +166,7 @@ func (r *Runtime) Checkpoint(ctx context.Context, id, image string, leaveRunning
 	var stderr bytes.Buffer
 	cmd.Stderr = &limitedBuffer{buf: &stderr, max: 4096}
 	if err := cmd.Run(); err != nil {
+		r.failed("checkpoint")
 		msg := strings.TrimSpace(stderr.String())
 		if strings.Contains(msg, "no space left on device") {
 			return fmt.Errorf("checkpointing sandbox %s: %w: %s", id, runtime.ErrNoSpace, msg)
@@ -224,6 +236,7 @@ func (r *Runtime) launch(ctx context.Context, spec runtime.Spec, subcmd ...strin
 	// be files, not pipes that exec.Cmd would wait on.
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = in, out, logf
 	if err := cmd.Run(); err != nil {
+		r.failed(subcmd[0])
 		return fmt.Errorf("starting sandbox with runsc %s: %w: %s", subcmd[0], err, tail(filepath.Join(dir, "agent.log"), 2048))
 	}
 	if err := ctx.Err(); err != nil {
@@ -333,6 +346,7 @@ func (r *Runtime) Delete(ctx context.Context, id string) error {
 	if err := cmd.Run(); err != nil {
 		msg := stderr.String()
 		if !strings.Contains(msg, "does not exist") && !strings.Contains(msg, "not found") {
+			r.failed("delete")
 			return fmt.Errorf("deleting sandbox %s with runsc: %w: %s", id, err, strings.TrimSpace(msg))
 		}
 	}
@@ -406,6 +420,7 @@ func (r *Runtime) List(ctx context.Context) ([]string, error) {
 	cmd := r.runsc(lctx, "x", 0, "list", "--format=json")
 	outb, err := cmd.Output()
 	if err != nil {
+		r.failed("list")
 		return nil, fmt.Errorf("listing runsc sandboxes: %w", err)
 	}
 	var states []struct {
