@@ -27,6 +27,7 @@ func NewRoot() *cobra.Command {
 		newRunCmd(),
 		newTemplateCmd(),
 		newBenchCmd(),
+		newAuditCmd(),
 	)
 	return root
 }

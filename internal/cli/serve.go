@@ -23,6 +23,7 @@ func envOr(key, def string) string {
 func newServeCmd() *cobra.Command {
 	cfg := daemon.Config{Sandbox: sandbox.DefaultConfig()}
 	var debug bool
+	var logFormat string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the PandaStack server",
@@ -37,7 +38,15 @@ kept (--on-shutdown); paused sandboxes are always kept.`,
 			if debug {
 				level = slog.LevelDebug
 			}
-			cfg.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+			opts := &slog.HandlerOptions{Level: level}
+			switch logFormat {
+			case "text":
+				cfg.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), opts))
+			case "json":
+				cfg.Log = slog.New(slog.NewJSONHandler(cmd.ErrOrStderr(), opts))
+			default:
+				return fmt.Errorf("--log-format must be text or json, got %q", logFormat)
+			}
 			cfg.Out = cmd.OutOrStdout()
 			cfg.Version = Version
 			switch cfg.Sandbox.OnShutdown {
@@ -89,5 +98,10 @@ kept (--on-shutdown); paused sandboxes are always kept.`,
 	f.StringVar(&cfg.Network.TLSKey, "tls-key", "", "key (PEM) of --tls-cert")
 	f.StringSliceVar(&cfg.Network.Resolvers, "dns", nil, "upstream DNS servers (ip:port) for sandboxes (default: the host's /etc/resolv.conf)")
 	f.BoolVar(&debug, "debug", false, "log every request")
+	f.StringVar(&logFormat, "log-format", "text", "log format: text or json (one JSON object per line; request lines carry request_id, also sent in X-Request-Id)")
+	f.StringVar(&cfg.MetricsListen, "metrics-listen", envOr("PANDASTACK_METRICS_LISTEN", daemon.DefaultMetricsListen), "address to serve Prometheus /metrics on, unauthenticated (it names tenants: keep it on loopback or a private network; \"\" turns it off; $PANDASTACK_METRICS_LISTEN)")
+	f.DurationVar(&cfg.Sandbox.MetricsInterval, "metrics-interval", cfg.Sandbox.MetricsInterval, "how often each running sandbox's CPU, memory, disk and processes are sampled (GET /v1/sandboxes/{id}/metrics)")
+	f.IntVar(&cfg.Sandbox.MetricsSamples, "metrics-samples", cfg.Sandbox.MetricsSamples, "samples kept per sandbox")
+	f.DurationVar(&cfg.Sandbox.AuditRetention, "audit-retention", cfg.Sandbox.AuditRetention, "how long audit log entries are kept (older ones are deleted by the reaper)")
 	return cmd
 }

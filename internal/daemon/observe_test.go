@@ -1,6 +1,7 @@
 package daemon_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/pandastack/pandastack/internal/daemon"
 	"github.com/pandastack/pandastack/internal/daemontest"
+	pandastack "github.com/pandastack/pandastack/sdk/go"
 	"github.com/pandastack/pandastack/wire"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -275,6 +277,15 @@ func TestSandboxMetrics(t *testing.T) {
 		}
 	}
 
+	// The Go SDK reads the same.
+	h, err := s.Client(t).Get(context.Background(), sb.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gm, err := h.Metrics(context.Background()); err != nil || gm.SandboxID != sb.ID || len(gm.Samples) == 0 {
+		t.Errorf("SDK Metrics: %+v, %v", gm, err)
+	}
+
 	// Another tenant: 404, as if it did not exist.
 	other := s.WithTenant(t, "tenant-b")
 	resp, b := other.Do(t, "GET", "/v1/sandboxes/"+sb.ID+"/metrics", nil)
@@ -369,6 +380,11 @@ func TestAudit(t *testing.T) {
 	}
 	if e := audit(t, s, url.Values{"since": {time.Now().Add(time.Hour).UTC().Format(time.RFC3339)}}); len(e) != 0 {
 		t.Errorf("since an hour ahead: %d entries", len(e))
+	}
+
+	// The Go SDK's filters.
+	if ge, err := s.Client(t).Audit(context.Background(), pandastack.AuditOptions{SandboxID: sb.ID, Action: "exec", Limit: 10}); err != nil || len(ge) != len(execs) {
+		t.Errorf("SDK Audit: %d entries, %v; want %d", len(ge), err, len(execs))
 	}
 
 	// Another tenant sees none of it, whatever it asks for.

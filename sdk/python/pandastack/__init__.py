@@ -18,7 +18,7 @@ from .errors import (AuthenticationError, ConflictError, InsufficientStorageErro
                      QuotaExceededError, ServerError, ServerTimeoutError, TooLargeError, UnavailableError)
 from .code import CodeContext, Execution, ExecutionError, Logs, Result
 from .files import FileEvent, FileInfo, Files, UploadResult, Watch
-from .models import ExecResult, NetworkInfo, SandboxInfo
+from .models import ExecResult, MetricsSample, NetworkInfo, SandboxInfo, SandboxMetrics
 from .processes import OutputStream, Process, ProcessEvent, Processes, ProcessInfo, WaitTimeoutError
 from .sandbox import Sandbox
 from .snapshot import Snapshot
@@ -26,6 +26,8 @@ from .snapshot import Snapshot
 __all__ = [
     "Sandbox",
     "SandboxInfo",
+    "SandboxMetrics",
+    "MetricsSample",
     "NetworkInfo",
     "Snapshot",
     "ExecResult",

@@ -153,3 +153,43 @@ class ExecResult:
             truncated=bool(doc.get("truncated", False)),
             duration_ms=float(doc.get("duration_ms") or 0.0),
         )
+
+
+@dataclass
+class MetricsSample:
+    """One sample of a sandbox's usage, taken by the server."""
+
+    time: Optional[datetime]
+    cpu_seconds: float
+    cpu_percent: float
+    memory_bytes: int
+    disk_bytes: int
+    processes: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MetricsSample":
+        return cls(
+            time=parse_time(d.get("time")),
+            cpu_seconds=float(d.get("cpu_seconds", 0)),
+            cpu_percent=float(d.get("cpu_percent", 0)),
+            memory_bytes=int(d.get("memory_bytes", 0)),
+            disk_bytes=int(d.get("disk_bytes", 0)),
+            processes=int(d.get("processes", 0)),
+        )
+
+
+@dataclass
+class SandboxMetrics:
+    """A sandbox's recent usage samples, oldest first."""
+
+    sandbox_id: str
+    interval_seconds: float
+    samples: List[MetricsSample] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SandboxMetrics":
+        return cls(
+            sandbox_id=str(d.get("sandbox_id", "")),
+            interval_seconds=float(d.get("interval_seconds", 0)),
+            samples=[MetricsSample.from_dict(s) for s in d.get("samples") or []],
+        )

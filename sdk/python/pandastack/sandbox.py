@@ -193,6 +193,17 @@ class Sandbox(CodeMixin, NetworkMixin):
         self._info = _sandbox_info(doc, self._client)
         return self._info
 
+    def metrics(self) -> "SandboxMetrics":
+        """The sandbox's recent usage samples (CPU, memory, disk, processes).
+
+        The server samples each running sandbox every ``interval_seconds``
+        and keeps the latest samples, oldest first.
+        """
+        from .models import SandboxMetrics
+
+        doc = self._client.call("GET", self._path("/metrics"))
+        return SandboxMetrics.from_dict(doc)
+
     def snapshot(self) -> Snapshot:
         """Save the sandbox's memory and writable files as a new :class:`Snapshot`.
 
