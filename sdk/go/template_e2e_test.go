@@ -38,7 +38,11 @@ type eventLog struct {
 	evs []wire.TemplateBuildEvent
 }
 
-func (l *eventLog) add(e wire.TemplateBuildEvent) { l.mu.Lock(); l.evs = append(l.evs, e); l.mu.Unlock() }
+func (l *eventLog) add(e wire.TemplateBuildEvent) {
+	l.mu.Lock()
+	l.evs = append(l.evs, e)
+	l.mu.Unlock()
+}
 func (l *eventLog) all() []wire.TemplateBuildEvent {
 	l.mu.Lock()
 	defer l.mu.Unlock()
