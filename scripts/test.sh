@@ -38,7 +38,8 @@ ip netns add "$netns"
 ip -n "$netns" link set lo up
 /usr/local/bin/pandastack serve --listen "127.0.0.1:$port" --data-dir "$tmp/data" \
 	--template-dir "$PANDASTACK_TEMPLATE_DIR" --build-templates=false \
-	--network-namespace "/var/run/netns/$netns" --dns 127.0.0.1:1 >"$tmp/server.log" 2>&1 &
+	--network-namespace "/var/run/netns/$netns" --dns 127.0.0.1:1 \
+	--metrics-listen 127.0.0.1:0 >"$tmp/server.log" 2>&1 &
 server=$!
 cleanup() {
 	kill "$server" 2>/dev/null || true
@@ -48,10 +49,21 @@ cleanup() {
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
-for _ in $(seq 100); do
-	curl -fsS "http://127.0.0.1:$port/v1/health" >/dev/null 2>&1 && break
+# Waits for the server (a generous deadline: machines differ several-fold).
+up=
+for _ in $(seq 1200); do
+	if curl -fsS "http://127.0.0.1:$port/v1/health" >/dev/null 2>&1; then
+		up=1
+		break
+	fi
+	kill -0 "$server" 2>/dev/null || break
 	sleep 0.1
 done
+if [ -z "$up" ]; then
+	echo "the test server did not come up; its log:" >&2
+	tail -50 "$tmp/server.log" >&2
+	exit 1
+fi
 export PANDASTACK_URL="http://127.0.0.1:$port"
 PANDASTACK_API_KEY=$(cat "$tmp/data/api-key")
 export PANDASTACK_API_KEY PANDASTACK_REQUIRE_SERVER=1
