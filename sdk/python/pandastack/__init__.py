@@ -6,6 +6,9 @@
         print(result.stdout, result.exit_code)
         snap = sb.snapshot()    # also sb.fork(), sb.pause(), sb.resume()
 
+    t = Template.build("myapp", "./myapp", tag="v1")   # from ./myapp/Dockerfile
+    sb = Sandbox.create(template=t.ref)
+
 The server URL and API key come from the arguments, else $PANDASTACK_URL and
 $PANDASTACK_API_KEY, else http://127.0.0.1:7423 and the server's key file
 ($PANDASTACK_DATA_DIR/api-key, by default /var/lib/pandastack/api-key).
@@ -22,6 +25,7 @@ from .models import ExecResult, MetricsSample, NetworkInfo, SandboxInfo, Sandbox
 from .processes import OutputStream, Process, ProcessEvent, Processes, ProcessInfo, WaitTimeoutError
 from .sandbox import Sandbox
 from .snapshot import Snapshot
+from .template import BuildError, Template, TemplateBuildEvent
 
 __all__ = [
     "Sandbox",
@@ -30,6 +34,9 @@ __all__ = [
     "MetricsSample",
     "NetworkInfo",
     "Snapshot",
+    "Template",
+    "TemplateBuildEvent",
+    "BuildError",
     "ExecResult",
     "Files",
     "FileInfo",

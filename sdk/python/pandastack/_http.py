@@ -85,10 +85,15 @@ class HTTPClient:
     def __repr__(self) -> str:
         return "HTTPClient(url=%r)" % self.base_url
 
-    def _request(self, method: str, path: str, body: Any, accept: str) -> urllib.request.Request:
+    def _request(self, method: str, path: str, body: Any, accept: str,
+                 raw: Optional[Tuple[Any, Mapping[str, str]]] = None) -> urllib.request.Request:
         headers = {"Accept": accept, "User-Agent": USER_AGENT}
         data = None
-        if body is not None:
+        if raw is not None:
+            # A body sent as it is (bytes or a file), with its own headers.
+            data = raw[0]
+            headers.update(raw[1])
+        elif body is not None:
             data = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
         if self.api_key:
@@ -98,9 +103,13 @@ class HTTPClient:
     @contextmanager
     def open(self, method: str, path: str, body: Any = None, *,
              timeout: Optional[float] = None,
-             accept: str = "application/json") -> Iterator[http.client.HTTPResponse]:
-        """Send a request and yield the successful (2xx) response; raise the mapped error otherwise."""
-        req = self._request(method, path, body, accept)
+             accept: str = "application/json",
+             raw: Optional[Tuple[Any, Mapping[str, str]]] = None) -> Iterator[http.client.HTTPResponse]:
+        """Send a request and yield the successful (2xx) response; raise the mapped error otherwise.
+
+        ``raw`` is ``(data, headers)``: a body sent as it is instead of ``body`` as JSON.
+        """
+        req = self._request(method, path, body, accept, raw)
         url = req.full_url
         if timeout is None:
             timeout = self.request_timeout
