@@ -166,6 +166,11 @@ func (t *templates) Build(ctx context.Context, tenant string, req api.TemplateBu
 		return wire.Template{}, fmt.Errorf("creating a build context directory: %w", err)
 	}
 	defer os.RemoveAll(dir)
+	// The context's root is what `COPY . /dest` gives /dest: MkdirTemp's
+	// 0700 would hide the files from the sandbox's user (t.work is 0700).
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return wire.Template{}, fmt.Errorf("creating a build context directory: %w", err)
+	}
 	src := body
 	if req.Gzip {
 		zr, err := gzip.NewReader(body)
