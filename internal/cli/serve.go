@@ -56,6 +56,11 @@ kept (--on-shutdown); paused sandboxes are always kept.`,
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			// The default metrics address may be held by another server on
+			// this machine: then this one runs without /metrics (logged).
+			// An address the operator chose must open.
+			_, fromEnv := os.LookupEnv("PANDASTACK_METRICS_LISTEN")
+			cfg.MetricsOptional = !cmd.Flags().Changed("metrics-listen") && !fromEnv
 			return daemon.Run(ctx, cfg)
 		},
 	}

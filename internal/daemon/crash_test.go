@@ -96,7 +96,7 @@ func startPatient(t *testing.T, dataDir string, extra ...string) *proc {
 	}
 	args := append([]string{"serve", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data-dir", dataDir,
 		"--template-dir", testenv.TemplateDir(), "--runsc", runsc, "--agent", testenv.Agent(t),
-		"--build-templates=false", "--reap-interval", "200ms"}, extra...)
+		"--build-templates=false", "--reap-interval", "200ms", "--metrics-listen", "127.0.0.1:0"}, extra...)
 	cmd := exec.Command(testenv.Daemon(t), args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}

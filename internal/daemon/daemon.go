@@ -73,6 +73,11 @@ type Config struct {
 	// MetricsReady, when set, is called with the metrics listener's
 	// address once it accepts requests.
 	MetricsReady func(addr string)
+	// MetricsOptional makes a MetricsListen that cannot be opened (the
+	// default port held by another server on the machine) a logged error
+	// instead of a failed start: set for the default, not for an address
+	// the operator chose.
+	MetricsOptional bool
 }
 
 // NetworkConfig configures sandbox networking.
@@ -238,7 +243,9 @@ func Run(ctx context.Context, cfg Config) error {
 		_ = mgr.Close(context.Background())
 		return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
 	}
-	if err := serveMetrics(bgCtx, cfg, mx, log); err != nil {
+	if err := serveMetrics(bgCtx, cfg, mx, log); err != nil && cfg.MetricsOptional {
+		log.Error("serving without /metrics", "err", err)
+	} else if err != nil {
 		ln.Close()
 		_ = mgr.Close(context.Background())
 		return err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/pandastack/pandastack/internal/daemon"
 	"github.com/pandastack/pandastack/internal/daemontest"
+	"github.com/pandastack/pandastack/internal/testenv"
 	pandastack "github.com/pandastack/pandastack/sdk/go"
 	"github.com/pandastack/pandastack/wire"
 	dto "github.com/prometheus/client_model/go"
@@ -437,5 +439,37 @@ func TestAuditRetention(t *testing.T) {
 	s.Exec(t, sb.ID, wire.ExecRequest{Cmd: "true"})
 	if e := audit(t, s, q); len(e) != 1 {
 		t.Errorf("after pruning, a new exec: %+v", e)
+	}
+}
+
+// A metrics address that cannot be opened (another server on the machine
+// holds the default port) fails the start when the operator chose it, and
+// is a logged error when it was the default (MetricsOptional): the API is
+// served either way or not at all, never half.
+func TestMetricsAddressTaken(t *testing.T) {
+	held, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	s := daemontest.Start(t, func(c *daemon.Config) {
+		noPool(c)
+		c.MetricsListen = held.Addr().String()
+		c.MetricsOptional = true
+	})
+	if s.MetricsURL != "" {
+		t.Errorf("metrics served at %s on a held address", s.MetricsURL)
+	}
+	if resp, b := s.Do(t, "GET", "/v1/sandboxes", nil); resp.StatusCode != http.StatusOK {
+		t.Errorf("the API without metrics: %d %s", resp.StatusCode, b)
+	}
+
+	cfg := daemon.Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", MetricsListen: held.Addr().String(),
+		Runsc: testenv.Runsc(t), AgentBinary: testenv.Agent(t), TemplateDir: testenv.TemplateDir()}
+	ctx, cancel := context.WithTimeout(context.Background(), patience)
+	defer cancel()
+	err = daemon.Run(ctx, cfg)
+	if err == nil || !strings.Contains(err.Error(), "metrics") {
+		t.Errorf("a chosen metrics address that is held: Run returned %v, want the listen error", err)
 	}
 }
